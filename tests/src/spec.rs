@@ -1,0 +1,431 @@
+//! Scenario specs: `tests/scenarios/SNN-*.yaml`, one per scenario id of
+//! DESIGN.md's matrix. A spec is the steps plus what each kernel flavor (and,
+//! where they differ, each filesystem) is expected to answer.
+//!
+//! ```yaml
+//! id: S02
+//! title: reg_mr on an fsdax file mapping, no lease
+//! shows: Stock 6.12 refuses long-term pins of FS-DAX pages.
+//! story: |
+//!   Plain words for the report.
+//! steps:
+//!   - name: map a fresh 2 MiB file on the DAX mount
+//!     action: {map: {target: file}}
+//!     expect: ok
+//!   - name: ibv_reg_mr on the DAX mapping
+//!     action: reg_mr
+//!     expect: {stock: EOPNOTSUPP, patched: EPERM}
+//! ```
+//!
+//! `expect` is `ok`, an errno name, or a map whose keys are `flavor`,
+//! `flavor/fs` or `*` (most specific wins). A step that is not a `probe` and
+//! is expected to fail ends the scenario for that flavor: later steps must not
+//! give an expectation for it, and the report shows them as not run.
+
+use crate::plan::{Action, PlannedScenario, PlannedStep};
+use crate::{errno, Flavor, Fs};
+use anyhow::{bail, Context, Result};
+use serde::{de, Deserialize, Deserializer};
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// What a step is expected to return.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Outcome {
+    /// The call succeeded (and for `verify`, the bytes matched).
+    Ok,
+    /// The call failed with this errno (canonical name, e.g. `EOPNOTSUPP`).
+    Errno(String),
+}
+
+impl Outcome {
+    /// Parse `ok` or a known errno name.
+    pub fn parse(s: &str) -> Result<Outcome, String> {
+        if s == "ok" {
+            return Ok(Outcome::Ok);
+        }
+        errno::canonical(s)
+            .map(Outcome::Errno)
+            .ok_or_else(|| format!("'{s}' is neither 'ok' nor a known errno name (e.g. EPERM, EOPNOTSUPP, ETXTBSY)"))
+    }
+
+    /// The spelling used in results and reports.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Errno(e) => e,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Outcome {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Outcome::parse(&s).map_err(de::Error::custom)
+    }
+}
+
+/// A key of an `expect` map: `*`, `stock`, `patched/xfs`, ….
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ExpectKey {
+    /// `None` for `*`.
+    pub flavor: Option<Flavor>,
+    /// `None` unless the key names a filesystem.
+    pub fs: Option<Fs>,
+}
+
+impl<'de> Deserialize<'de> for ExpectKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "*" {
+            return Ok(ExpectKey { flavor: None, fs: None });
+        }
+        let (fl, fs) = match s.split_once('/') {
+            Some((a, b)) => (a, Some(b)),
+            None => (s.as_str(), None),
+        };
+        let flavor = fl
+            .parse::<Flavor>()
+            .map_err(|e| de::Error::custom(format!("expect key '{s}': {e}")))?;
+        let fs = fs
+            .map(|f| f.parse::<Fs>())
+            .transpose()
+            .map_err(|e| de::Error::custom(format!("expect key '{s}': {e}")))?;
+        Ok(ExpectKey { flavor: Some(flavor), fs })
+    }
+}
+
+/// The `expect:` of a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// One outcome for every flavor and filesystem.
+    All(Outcome),
+    /// Outcomes by flavor and filesystem; missing = the step does not run there.
+    By(BTreeMap<ExpectKey, Outcome>),
+}
+
+impl<'de> Deserialize<'de> for Expect {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Expect;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("'ok', an errno name, or a map like {stock: EOPNOTSUPP, patched: EPERM}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Expect, E> {
+                Outcome::parse(v).map(Expect::All).map_err(E::custom)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut m: A) -> Result<Expect, A::Error> {
+                let mut out = BTreeMap::new();
+                while let Some((k, v)) = m.next_entry::<ExpectKey, Outcome>()? {
+                    out.insert(k, v);
+                }
+                if out.is_empty() {
+                    return Err(de::Error::custom("empty expect map"));
+                }
+                Ok(Expect::By(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Expect {
+    /// The outcome expected on `flavor` with `fs`, if the step runs there.
+    pub fn for_cell(&self, flavor: Flavor, fs: Fs) -> Option<&Outcome> {
+        match self {
+            Expect::All(o) => Some(o),
+            Expect::By(m) => m
+                .get(&ExpectKey { flavor: Some(flavor), fs: Some(fs) })
+                .or_else(|| m.get(&ExpectKey { flavor: Some(flavor), fs: None }))
+                .or_else(|| m.get(&ExpectKey { flavor: None, fs: None })),
+        }
+    }
+}
+
+/// One step of a spec.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    /// What the step does, in words.
+    pub name: String,
+    /// What the runner does.
+    pub action: Action,
+    /// Observe and go on (see [`PlannedStep::probe`]).
+    #[serde(default)]
+    pub probe: bool,
+    /// Expected outcome (with its place in the file, for error messages).
+    pub expect: Spanned<Expect>,
+}
+
+/// One scenario spec file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// `S01`…`S18`; must match the file name's prefix.
+    pub id: String,
+    /// One line.
+    pub title: String,
+    /// One sentence: what a learner sees in this scenario.
+    pub shows: String,
+    /// A paragraph for the report: the story in plain words.
+    #[serde(default)]
+    pub story: String,
+    /// Where the 2019 discussion argued this (who, which message), for the report.
+    #[serde(default)]
+    pub reference: String,
+    /// Whether the scenario touches the filesystem under test; if not, it runs
+    /// once per flavor (on the ext4 boot) and the report shows one cell.
+    #[serde(default = "yes")]
+    pub uses_fs: bool,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// The file it came from (set by [`load_file`]).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The expectation of every step of a scenario in one cell; `None` = not run.
+pub type CellExpectation = Vec<Option<Outcome>>;
+
+impl Scenario {
+    /// Expected outcome of each step for `flavor` on `fs`.
+    pub fn expected(&self, flavor: Flavor, fs: Fs) -> CellExpectation {
+        self.steps
+            .iter()
+            .map(|s| s.expect.value.for_cell(flavor, fs).cloned())
+            .collect()
+    }
+
+    /// Whether this scenario runs on a boot with filesystem `fs`.
+    pub fn runs_on(&self, fs: Fs) -> bool {
+        self.uses_fs || fs == Fs::Ext4
+    }
+
+    /// The guest's view: steps without expectations.
+    pub fn planned(&self) -> PlannedScenario {
+        PlannedScenario {
+            id: self.id.clone(),
+            title: self.title.clone(),
+            steps: self
+                .steps
+                .iter()
+                .map(|s| PlannedStep {
+                    name: s.name.clone(),
+                    action: s.action.clone(),
+                    probe: s.probe,
+                })
+                .collect(),
+        }
+    }
+
+    /// Check what the YAML types cannot: the id matches the file name, and
+    /// per flavor/filesystem the expectations form a run that makes sense.
+    pub fn validate(&self) -> Result<()> {
+        let file = self.path.display();
+        let stem = self.path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if !is_scenario_id(&self.id) {
+            bail!("{file}: id '{}' is not of the form S01..S99", self.id);
+        }
+        if !stem.is_empty() && !stem.starts_with(&self.id) {
+            bail!("{file}: id '{}' does not match the file name (expected {}-*.yaml)", self.id, self.id);
+        }
+        if self.steps.is_empty() {
+            bail!("{file}: scenario {} has no steps", self.id);
+        }
+        for flavor in Flavor::ALL {
+            for fs in Fs::ALL {
+                let mut stopped: Option<usize> = None;
+                for (i, step) in self.steps.iter().enumerate() {
+                    let at = &step.expect.referenced;
+                    let exp = step.expect.value.for_cell(flavor, fs);
+                    match (stopped, exp) {
+                        (Some(k), Some(o)) => bail!(
+                            "{file}:{}:{}: step {} ('{}') expects {o} on {flavor}/{fs}, but step {} ('{}') \
+                             already stops the scenario there (it is not a probe and expects an error); \
+                             drop the expectation or mark step {} `probe: true`",
+                            at.line(), at.column(), i + 1, step.name, k + 1, self.steps[k].name, k + 1
+                        ),
+                        (None, None) => bail!(
+                            "{file}:{}:{}: step {} ('{}') has no expectation for {flavor}/{fs} \
+                             (add a '{flavor}' or '*' key)",
+                            at.line(), at.column(), i + 1, step.name
+                        ),
+                        (None, Some(Outcome::Errno(_))) if !step.probe => stopped = Some(i),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_scenario_id(s: &str) -> bool {
+    s.len() == 3 && s.starts_with('S') && s[1..].chars().all(|c| c.is_ascii_digit())
+}
+
+/// Parse one spec from text; `path` names it in errors.
+pub fn parse(text: &str, path: &Path) -> Result<Scenario> {
+    let mut sc: Scenario = serde_saphyr::from_str(text).map_err(|e| {
+        let loc = e
+            .location()
+            .map(|l| format!(":{}:{}", l.line(), l.column()))
+            .unwrap_or_default();
+        anyhow::anyhow!("{}{loc}: malformed scenario spec: {}", path.display(), e.without_snippet())
+    })?;
+    sc.path = path.to_path_buf();
+    sc.validate()?;
+    Ok(sc)
+}
+
+/// Read and validate one spec file.
+pub fn load_file(path: &Path) -> Result<Scenario> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("Failed to read {}", path.display()))?;
+    parse(&text, path)
+}
+
+/// Read every `*.yaml` in `dir`, sorted by id; ids must be unique.
+pub fn load_dir(dir: &Path) -> Result<Vec<Scenario>> {
+    let mut out = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("Failed to read {}", dir.display()))?;
+    for e in entries {
+        let p = e.with_context(|| format!("Failed to read {}", dir.display()))?.path();
+        if p.extension().and_then(|x| x.to_str()) == Some("yaml") {
+            out.push(load_file(&p)?);
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    for w in out.windows(2) {
+        if w[0].id == w[1].id {
+            bail!("{} and {} both define scenario {}", w[0].path.display(), w[1].path.display(), w[0].id);
+        }
+    }
+    Ok(out)
+}
+
+/// Keep the scenarios whose ids are in `ids` (all if empty); unknown ids are an error.
+pub fn select(all: Vec<Scenario>, ids: &[String]) -> Result<Vec<Scenario>> {
+    if ids.is_empty() {
+        return Ok(all);
+    }
+    for id in ids {
+        if !all.iter().any(|s| &s.id == id) {
+            let known: Vec<_> = all.iter().map(|s| s.id.as_str()).collect();
+            bail!("unknown scenario '{id}' (known: {})", known.join(", "));
+        }
+    }
+    Ok(all.into_iter().filter(|s| ids.contains(&s.id)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+id: S02
+title: reg_mr on an fsdax file mapping, no lease
+shows: stock refuses
+steps:
+  - name: map
+    action: {map: {target: file, size: 2M}}
+    expect: ok
+  - name: reg
+    action: reg_mr
+    expect: {stock: EOPNOTSUPP, patched: EPERM, patched/xfs: ENOTSUP}
+";
+
+    fn p(s: &str) -> Result<Scenario> {
+        parse(s, Path::new("tests/scenarios/S02-x.yaml"))
+    }
+
+    #[test]
+    fn good_spec_parses_and_resolves_cells() {
+        let sc = p(GOOD).unwrap();
+        assert_eq!(sc.steps.len(), 2);
+        assert_eq!(
+            sc.expected(Flavor::Stock, Fs::Ext4),
+            vec![Some(Outcome::Ok), Some(Outcome::Errno("EOPNOTSUPP".into()))]
+        );
+        // Most specific key wins, aliases are canonicalised.
+        assert_eq!(sc.expected(Flavor::Patched, Fs::Xfs)[1], Some(Outcome::Errno("EOPNOTSUPP".into())));
+        assert_eq!(sc.expected(Flavor::Patched, Fs::Ext4)[1], Some(Outcome::Errno("EPERM".into())));
+        assert!(sc.uses_fs);
+    }
+
+    #[test]
+    fn unknown_errno_names_line_and_column() {
+        let bad = GOOD.replace("EPERM", "EPRM");
+        let e = p(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("tests/scenarios/S02-x.yaml:10:"), "{e}");
+        assert!(e.contains("EPRM"), "{e}");
+    }
+
+    #[test]
+    fn unknown_action_names_line() {
+        let bad = GOOD.replace("action: reg_mr", "action: reg_mrr");
+        let e = p(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("tests/scenarios/S02-x.yaml:9:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_names_line() {
+        let bad = GOOD.replace("    expect: ok\n", "    expect: ok\n    expcet: ok\n");
+        let e = p(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("tests/scenarios/S02-x.yaml:8:"), "{e}");
+        assert!(e.contains("expcet"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_is_rejected() {
+        let bad = GOOD.replace("size: 2M", "size: 3");
+        let e = p(&bad).unwrap_err().to_string();
+        assert!(e.contains("multiple of 4096"), "{e}");
+        assert!(e.starts_with("tests/scenarios/S02-x.yaml:6:"), "{e}");
+    }
+
+    #[test]
+    fn missing_expectation_is_reported_with_its_line() {
+        let bad = GOOD.replace("{stock: EOPNOTSUPP, patched: EPERM, patched/xfs: ENOTSUP}", "{stock: EOPNOTSUPP}");
+        let e = p(&bad).unwrap_err().to_string();
+        assert!(e.contains(":10:"), "{e}");
+        assert!(e.contains("no expectation for patched/ext4"), "{e}");
+    }
+
+    #[test]
+    fn expectation_after_a_stop_is_rejected() {
+        let bad = format!("{GOOD}  - name: verify\n    action: verify\n    expect: ok\n");
+        let e = p(&bad).unwrap_err().to_string();
+        assert!(e.contains(":13:"), "{e}");
+        assert!(e.contains("already stops"), "{e}");
+        // ... unless the failing step is a probe.
+        let ok = bad.replace("    action: reg_mr\n", "    action: reg_mr\n    probe: true\n");
+        p(&ok).unwrap();
+    }
+
+    #[test]
+    fn id_must_match_file_name() {
+        let e = parse(GOOD, Path::new("tests/scenarios/S03-x.yaml")).unwrap_err().to_string();
+        assert!(e.contains("does not match the file name"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_specs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let all = load_dir(&dir).unwrap();
+        assert!(!all.is_empty());
+        assert!(select(all, &["S99".into()]).unwrap_err().to_string().contains("unknown scenario"));
+    }
+}

@@ -1,1 +1,364 @@
-//! placeholder
+//! Memory regions to register with the RDMA device: anonymous shared memory,
+//! a `MAP_SHARED` mapping of a (possibly FS-DAX) file, or a device-DAX
+//! character device.
+//!
+//! Every failure is a [`StepError`] carrying the errno of the failed call and
+//! a message naming the call, its path and its length.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+
+use crate::StepError;
+
+/// The alignment device-DAX mappings need when sysfs does not say (the
+/// default `align` of an `ndctl create-namespace -m devdax` namespace).
+pub const DEVDAX_DEFAULT_ALIGN: usize = 2 << 20;
+
+/// What backs a [`Region`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionKind {
+    /// `MAP_SHARED | MAP_ANONYMOUS` (shmem-backed).
+    Anon,
+    /// `MAP_SHARED` mapping of a regular file.
+    File,
+    /// `MAP_SHARED` mapping of a device-DAX character device.
+    Devdax,
+}
+
+/// A mapped memory region. Unmapped on drop; the file (if any) stays open as
+/// long as the region lives.
+#[derive(Debug)]
+pub struct Region {
+    ptr: NonNull<u8>,
+    len: usize,
+    kind: RegionKind,
+    file: Option<File>,
+    path: Option<PathBuf>,
+}
+
+// SAFETY: a Region exclusively owns its mapping (nothing else unmaps it) and
+// the File; moving that ownership to another thread is sound.
+unsafe impl Send for Region {}
+
+fn io_errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// `mmap(NULL, len, PROT_READ|PROT_WRITE, flags, fd, 0)` with the errno in the error.
+fn map(len: usize, flags: libc::c_int, fd: libc::c_int, what: &str) -> Result<NonNull<u8>, StepError> {
+    // SAFETY: a fresh mapping at an address the kernel chooses (addr = NULL);
+    // it does not alias any Rust object. The result is checked for MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(StepError::last_os(format!("mmap({what}, len={len})")));
+    }
+    NonNull::new(p.cast::<u8>()).ok_or_else(|| StepError::other(format!("mmap({what}, len={len}) returned NULL")))
+}
+
+fn open_error(e: io::Error, call: &str, path: &Path) -> StepError {
+    StepError::errno(io_errno(&e), format!("{call}({}): {e}", path.display()))
+}
+
+impl Region {
+    /// `mmap(MAP_SHARED|MAP_ANONYMOUS, PROT_READ|PROT_WRITE)`, every page
+    /// written (zeroed) so the pages exist before registration.
+    pub fn anon(len: usize) -> Result<Region, StepError> {
+        let ptr = map(len, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, "MAP_SHARED|MAP_ANONYMOUS")?;
+        // SAFETY: ptr..ptr+len is the writable mapping just created, owned
+        // by nobody else yet.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
+        Ok(Region { ptr, len, kind: RegionKind::Anon, file: None, path: None })
+    }
+
+    /// Create a fresh file at `path` (`O_CREAT|O_TRUNC|O_RDWR`, mode 0644),
+    /// `fallocate(fd, 0, 0, len)` so its blocks exist, and map it
+    /// `MAP_SHARED` read-write. The pages are not touched: the kernel faults
+    /// them (for FS-DAX, at registration time).
+    pub fn file(path: &Path, len: usize) -> Result<Region, StepError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| open_error(e, "open(O_CREAT|O_TRUNC|O_RDWR, 0644)", path))?;
+        let off_len = libc::off_t::try_from(len).map_err(|_| {
+            StepError::errno(libc::EFBIG, format!("fallocate({}, len={len}): length too large", path.display()))
+        })?;
+        // SAFETY: plain syscall on an fd we own; no memory is passed.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, off_len) };
+        if r != 0 {
+            return Err(StepError::last_os(format!("fallocate({}, mode=0, 0, len={len})", path.display())));
+        }
+        let ptr = map(
+            len,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            &format!("{}, MAP_SHARED", path.display()),
+        )?;
+        Ok(Region { ptr, len, kind: RegionKind::File, file: Some(file), path: Some(path.to_path_buf()) })
+    }
+
+    /// Open a device-DAX character device (e.g. `/dev/dax1.0`) `O_RDWR` and
+    /// map `len` bytes `MAP_SHARED` read-write. `len` must be a non-zero
+    /// multiple of the device's alignment (`/sys/bus/dax/devices/<dev>/align`,
+    /// 2 MiB when sysfs does not say); the kernel then picks an aligned
+    /// address by itself.
+    pub fn devdax(path: &Path, len: usize) -> Result<Region, StepError> {
+        let align = devdax_align(path);
+        if len == 0 || len % align != 0 {
+            return Err(StepError::errno(
+                libc::EINVAL,
+                format!(
+                    "mmap({}, len={len}): device-DAX needs a non-zero length that is a multiple of the device align ({align})",
+                    path.display()
+                ),
+            ));
+        }
+        if let Some(size) = devdax_size(path) {
+            if (len as u64) > size {
+                return Err(StepError::errno(
+                    libc::EINVAL,
+                    format!("mmap({}, len={len}): the device is only {size} bytes", path.display()),
+                ));
+            }
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| open_error(e, "open(O_RDWR)", path))?;
+        let ptr = map(
+            len,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            &format!("{}, MAP_SHARED", path.display()),
+        )?;
+        if (ptr.as_ptr() as usize) % align != 0 {
+            // The kernel refuses misaligned device-DAX VMAs itself; this only
+            // makes a surprising layout visible.
+            let region = Region { ptr, len, kind: RegionKind::Devdax, file: Some(file), path: Some(path.to_path_buf()) };
+            let addr = region.ptr.as_ptr();
+            drop(region);
+            return Err(StepError::other(format!(
+                "mmap({}, len={len}) returned {addr:p}, not aligned to {align}",
+                path.display()
+            )));
+        }
+        Ok(Region { ptr, len, kind: RegionKind::Devdax, file: Some(file), path: Some(path.to_path_buf()) })
+    }
+
+    /// The start of the mapping.
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The length of the mapping in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never true for a mapped region).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// What backs the region.
+    pub fn kind(&self) -> RegionKind {
+        self.kind
+    }
+
+    /// The mapped bytes. Reading faults in pages that were not faulted yet.
+    /// Only meaningful when nothing (no RDMA transfer in flight) writes them
+    /// concurrently.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is a live PROT_READ mapping owned by self,
+        // and the returned borrow cannot outlive self (munmap is in Drop).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The mapped bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, plus PROT_WRITE; &mut self makes the
+        // borrow unique on the Rust side.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The open file behind the mapping: the data file for file regions, the
+    /// character device for device-DAX regions, `None` for anonymous ones.
+    ///
+    /// (Named `backing_file` because `Region::file` is the constructor; Rust
+    /// allows only one inherent item per name.)
+    pub fn backing_file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    /// The path behind the mapping (`None` for anonymous regions).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// For file regions: whether the file is DAX (`statx` `STATX_ATTR_DAX`
+    /// on the fd). `None` for anonymous and device-DAX regions. An error when
+    /// `statx` fails or the kernel does not report the DAX attribute.
+    pub fn is_dax(&self) -> Result<Option<bool>, StepError> {
+        if self.kind != RegionKind::File {
+            return Ok(None);
+        }
+        let (Some(file), Some(path)) = (self.file.as_ref(), self.path.as_ref()) else {
+            return Ok(None);
+        };
+        statx_dax(file, path).map(Some)
+    }
+}
+
+/// `statx(fd, "", AT_EMPTY_PATH)` and the `STATX_ATTR_DAX` bit.
+fn statx_dax(file: &File, path: &Path) -> Result<bool, StepError> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: "" is a valid NUL-terminated string; stx points to writable
+    // memory of the right type for the kernel to fill.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_BASIC_STATS,
+            stx.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(StepError::last_os(format!("statx({}, AT_EMPTY_PATH)", path.display())));
+    }
+    // SAFETY: statx returned 0, so the kernel filled the structure (and it
+    // was zero-initialised before anyway).
+    let stx = unsafe { stx.assume_init() };
+    let dax = libc::STATX_ATTR_DAX as u64;
+    if stx.stx_attributes_mask & dax == 0 {
+        return Err(StepError::other(format!(
+            "statx({}): the kernel does not report STATX_ATTR_DAX (attributes_mask={:#x})",
+            path.display(),
+            stx.stx_attributes_mask
+        )));
+    }
+    Ok(stx.stx_attributes & dax != 0)
+}
+
+/// `/sys/bus/dax/devices/<name>/<attr>` of the device-DAX node `path`.
+fn devdax_sysfs(path: &Path, attr: &str) -> Option<String> {
+    let name = path.file_name()?;
+    let p = Path::new("/sys/bus/dax/devices").join(name).join(attr);
+    std::fs::read_to_string(p).ok()
+}
+
+fn parse_sysfs_number(s: &str) -> Option<u64> {
+    let t = s.trim();
+    match t.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+fn devdax_align(path: &Path) -> usize {
+    devdax_sysfs(path, "align")
+        .as_deref()
+        .and_then(parse_sysfs_number)
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|n| n.is_power_of_two() && *n >= 4096)
+        .unwrap_or(DEVDAX_DEFAULT_ALIGN)
+}
+
+fn devdax_size(path: &Path) -> Option<u64> {
+    devdax_sysfs(path, "size").as_deref().and_then(parse_sysfs_number).filter(|n| *n > 0)
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe the mapping this Region created and still
+        // owns; no borrow of it outlives self.
+        let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            eprintln!("pinlab: munmap({:p}, {}) failed: {e}", self.ptr.as_ptr(), self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("pinlab-region-{}-{name}", std::process::id()))
+    }
+
+    #[test]
+    fn anon_is_zeroed_and_writable() {
+        let mut r = Region::anon(3 * 4096).unwrap();
+        assert_eq!(r.len(), 3 * 4096);
+        assert!(r.as_slice().iter().all(|&b| b == 0));
+        r.as_mut_slice()[4097] = 7;
+        assert_eq!(r.as_slice()[4097], 7);
+        assert_eq!(r.kind(), RegionKind::Anon);
+        assert!(r.backing_file().is_none() && r.path().is_none());
+        assert_eq!(r.is_dax().unwrap(), None);
+    }
+
+    #[test]
+    fn anon_zero_length_reports_einval() {
+        let e = Region::anon(0).unwrap_err();
+        assert_eq!(e.errno, Some(libc::EINVAL));
+        assert!(e.message.contains("mmap"), "{e}");
+    }
+
+    #[test]
+    fn file_region_is_allocated_and_shared() {
+        let p = tmp("file");
+        {
+            let mut r = Region::file(&p, 2 * 4096).unwrap();
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), 2 * 4096);
+            r.as_mut_slice()[10] = 0x5a;
+            assert_eq!(r.path(), Some(p.as_path()));
+            // tmpfs or a disk filesystem here: not DAX, but statx answers.
+            assert_eq!(r.is_dax().unwrap(), Some(false));
+        }
+        assert_eq!(std::fs::read(&p).unwrap()[10], 0x5a);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn file_in_missing_dir_names_the_call() {
+        let e = Region::file(Path::new("/nonexistent-pinlab/x"), 4096).unwrap_err();
+        assert_eq!(e.errno, Some(libc::ENOENT));
+        assert!(e.message.contains("open(") && e.message.contains("/nonexistent-pinlab/x"), "{e}");
+    }
+
+    #[test]
+    fn devdax_checks_alignment_before_opening() {
+        let e = Region::devdax(Path::new("/dev/dax-pinlab-none"), 4096).unwrap_err();
+        assert_eq!(e.errno, Some(libc::EINVAL));
+        assert!(e.message.contains("multiple"), "{e}");
+        let e = Region::devdax(Path::new("/dev/dax-pinlab-none"), 2 << 20).unwrap_err();
+        assert_eq!(e.errno, Some(libc::ENOENT));
+    }
+
+    #[test]
+    fn sysfs_numbers() {
+        assert_eq!(parse_sysfs_number("2097152\n"), Some(2097152));
+        assert_eq!(parse_sysfs_number("0x200000"), Some(0x200000));
+        assert_eq!(parse_sysfs_number("x"), None);
+    }
+}

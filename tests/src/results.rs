@@ -97,6 +97,16 @@ impl CellResult {
         }
     }
 
+    /// The expected counterpart of [`CellResult::verdict`].
+    pub fn expected_verdict(&self) -> String {
+        self.steps
+            .iter()
+            .filter(|s| s.expected != NOT_RUN)
+            .find(|s| s.expected != "ok")
+            .map(|s| s.expected.clone())
+            .unwrap_or_else(|| "ok".into())
+    }
+
     /// The errno that ends or characterises the run: the first non-ok actual
     /// outcome among executed steps, else `ok`.
     pub fn verdict(&self) -> String {

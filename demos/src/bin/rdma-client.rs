@@ -1,0 +1,129 @@
+//! `rdma-client`: RDMA WRITE the pattern into the region an `rdma-server`
+//! offers, then print one JSON line with the report.
+//!
+//! ```text
+//! rdma-client --server HOST:PORT [--timeout-s 20]
+//! ```
+//! Exit status 0 on success, 1 when the transfer failed, 2 for bad usage.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "usage: rdma-client --server HOST:PORT [--timeout-s 20]";
+
+#[derive(Debug, PartialEq, Eq)]
+struct Args {
+    server: String,
+    timeout: Duration,
+}
+
+/// `None` means `--help`.
+fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
+    let mut server = None;
+    let mut timeout = Duration::from_secs(20);
+    let mut it = argv.iter();
+    while let Some(arg) = it.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(None);
+        }
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || -> Result<String, String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it.next().cloned().ok_or_else(|| format!("{flag} needs a value")),
+            }
+        };
+        match flag {
+            "--server" => server = Some(value()?),
+            "--timeout-s" => {
+                let v = value()?;
+                let secs: u64 = v.parse().map_err(|_| format!("--timeout-s {v:?}: not a number of seconds"))?;
+                if secs == 0 {
+                    return Err("--timeout-s must be at least 1".to_string());
+                }
+                timeout = Duration::from_secs(secs);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let server = server.ok_or("--server HOST:PORT is required")?;
+    Ok(Some(Args { server, timeout }))
+}
+
+fn resolve(server: &str) -> Result<SocketAddr, String> {
+    let mut addrs = server
+        .to_socket_addrs()
+        .map_err(|e| format!("--server {server:?}: cannot resolve (expected HOST:PORT): {e}"))?;
+    addrs.next().ok_or_else(|| format!("--server {server:?}: resolves to no address"))
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = match parse_args(&argv) {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("rdma-client: {e}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let addr = match resolve(&args.server) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("rdma-client: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match pinlab_demos::rdma::client_write(addr, args.timeout) {
+        Ok(report) => match serde_json::to_string(&report) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("rdma-client: the write succeeded but the report could not be encoded: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("rdma-client: RDMA WRITE to {addr} failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Option<Args>, String> {
+        let v: Vec<String> = s.split_whitespace().map(String::from).collect();
+        parse_args(&v)
+    }
+
+    #[test]
+    fn flags() {
+        let a = parse("--server 192.0.2.1:18515").unwrap().unwrap();
+        assert_eq!(a, Args { server: "192.0.2.1:18515".into(), timeout: Duration::from_secs(20) });
+        let a = parse("--server=h:1 --timeout-s=3").unwrap().unwrap();
+        assert_eq!(a.timeout, Duration::from_secs(3));
+        assert_eq!(parse("-h").unwrap(), None);
+    }
+
+    #[test]
+    fn bad_input() {
+        assert!(parse("").unwrap_err().contains("--server"));
+        assert!(parse("--server").unwrap_err().contains("needs a value"));
+        assert!(parse("--server a:1 --timeout-s -1").is_err());
+        assert!(parse("--what").unwrap_err().contains("unknown"));
+        assert!(resolve("no-port").is_err());
+        assert_eq!(resolve("127.0.0.1:7").unwrap(), "127.0.0.1:7".parse().unwrap());
+    }
+}

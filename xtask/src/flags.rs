@@ -1,0 +1,70 @@
+//! Command-line grammar (xflags). `cargo xtask --help` prints it.
+#![allow(missing_docs)]
+
+use pinlab_scenarios::{Flavor, Fs};
+use std::path::PathBuf;
+
+use crate::vm::Accel;
+
+xflags::xflags! {
+    /// pinlab: the RDMA + FS-DAX truncate lab. Builds stock and patched Linux
+    /// 6.12, a Debian rdma-core rootfs, boots them in QEMU with an emulated
+    /// NVDIMM and runs the 2019 discussion's scenarios.
+    cmd xtask {
+        /// Report what the host has and lacks (tools, QEMU devices, KVM, disk).
+        cmd doctor {}
+
+        /// Build a kernel flavor (cached by a hash of source, patches and fragments).
+        cmd kernel {
+            /// Kernel flavor: stock (default) or patched.
+            optional --flavor flavor: Flavor
+            /// Build this 6.12-ish source tree instead of the pinned Debian source.
+            optional --kernel-tree path: PathBuf
+            /// Never install missing host packages; print the command instead.
+            optional --no-install
+        }
+
+        /// Build the guest rootfs from pinned Debian packages plus the demos.
+        cmd image {
+            /// Re-resolve image/packages.txt into image/packages.lock (needs the network).
+            optional --update-lock
+            /// Never install missing host packages; print the command instead.
+            optional --no-install
+        }
+
+        /// Boot kernels and run scenarios. `run demo` runs every flavor on ext4 and xfs.
+        cmd run {
+            /// `demo`: every flavor with kernel patches available, both filesystems.
+            optional what: String
+            /// Kernel flavor(s) to boot (default: stock).
+            repeated --flavor flavor: Flavor
+            /// Filesystem(s) for the DAX namespace (default: ext4 and xfs).
+            repeated --fs fs: Fs
+            /// Only these scenario ids (default: all).
+            repeated --scenario id: String
+            /// kvm or tcg (default: what `doctor`'s KVM probe found).
+            optional --accel accel: Accel
+            /// Build this source tree instead of the pinned Debian source.
+            optional --kernel-tree path: PathBuf
+            /// Never install missing host packages; print the command instead.
+            optional --no-install
+        }
+
+        /// The full test suite: unit tests, then the end-to-end scenarios.
+        cmd test {
+            /// Only the unit tests (no kernel build, no VM).
+            optional --unit
+            /// kvm or tcg (default: what the KVM probe found).
+            optional --accel accel: Accel
+        }
+
+        /// Remove pinlab's caches (kernels, rootfs, downloads) and run outputs.
+        cmd clean {
+            /// Also remove the downloaded .debs and the extracted kernel source.
+            optional --all
+        }
+
+        /// Internal: the KVM probe's child process.
+        cmd kvm-probe {}
+    }
+}

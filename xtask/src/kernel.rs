@@ -1,0 +1,445 @@
+//! `cargo xtask kernel`: source, config, build, cache.
+//!
+//! Source is Debian's `linux-source-6.12` at a pinned version, fetched with
+//! the private apt and extracted once into the cache. Each flavor builds out
+//! of tree (`O=`) in its own build dir; `.config` is `tinyconfig` plus
+//! `kernel-config/*.config` merged with `merge_config.sh`, and every option a
+//! fragment asks for must survive `olddefconfig`. The bzImage is cached by a
+//! content hash of (source version, patches, fragments).
+
+use crate::apt::Apt;
+use crate::ui;
+use crate::util::{self, Cache, KeyHasher};
+use anyhow::{bail, Context, Result};
+use pinlab_scenarios::Flavor;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Debian source package of the kernel.
+pub const SOURCE_PACKAGE: &str = "linux-source-6.12";
+/// Its pinned version (port-notes.md's line numbers refer to this tree).
+pub const SOURCE_VERSION: &str = "6.12.117-1";
+/// Bump when the recipe below changes in a way that must rebuild kernels.
+const RECIPE: &str = "pinlab-kernel-recipe-1";
+/// Objects a lean build compiles, for the progress bar until one is measured.
+const DEFAULT_OBJECTS: u64 = 1650;
+
+/// A built kernel.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// Which flavor.
+    pub flavor: Flavor,
+    /// The bootable image.
+    pub bzimage: PathBuf,
+    /// The cache key it was built under.
+    pub key: String,
+}
+
+/// Where a flavor's source comes from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// The pinned Debian source package.
+    Debian,
+    /// A user's own tree.
+    Tree(PathBuf),
+}
+
+/// One option a fragment sets, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Want {
+    /// `CONFIG_FOO`.
+    pub name: String,
+    /// `y`, `m`, a number or string, or `n` for `# CONFIG_FOO is not set`.
+    pub value: String,
+    /// The fragment file.
+    pub file: String,
+    /// Line in that file.
+    pub line: usize,
+}
+
+/// Parse Kconfig fragments; two fragments disagreeing on an option is an error.
+pub fn parse_fragments(frags: &[(String, String)]) -> Result<BTreeMap<String, Want>> {
+    let mut out: BTreeMap<String, Want> = BTreeMap::new();
+    for (file, text) in frags {
+        for (i, raw) in text.lines().enumerate() {
+            let l = raw.trim();
+            let kv = if let Some(rest) = l.strip_prefix("# ").and_then(|r| r.strip_suffix(" is not set")) {
+                Some((rest.to_string(), "n".to_string()))
+            } else if l.is_empty() || l.starts_with('#') {
+                None
+            } else if let Some((k, v)) = l.split_once('=') {
+                if !k.starts_with("CONFIG_") {
+                    bail!("{file}:{}: '{raw}' is not a CONFIG_ option", i + 1);
+                }
+                Some((k.to_string(), v.to_string()))
+            } else {
+                bail!("{file}:{}: cannot parse '{raw}' (expected CONFIG_FOO=y or '# CONFIG_FOO is not set')", i + 1);
+            };
+            if let Some((name, value)) = kv {
+                let want = Want { name: name.clone(), value, file: file.clone(), line: i + 1 };
+                if let Some(prev) = out.get(&name) {
+                    if prev.value != want.value {
+                        bail!(
+                            "conflicting fragments: {}:{} sets {name}={} but {}:{} sets {name}={}",
+                            prev.file, prev.line, prev.value, want.file, want.line, want.value
+                        );
+                    }
+                }
+                out.insert(name, want);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Options the fragments asked for that the final `.config` does not have.
+pub fn dropped_options(wants: &BTreeMap<String, Want>, config: &str) -> Vec<(Want, String)> {
+    let mut have: BTreeMap<&str, &str> = BTreeMap::new();
+    for l in config.lines() {
+        if let Some((k, v)) = l.split_once('=') {
+            have.insert(k, v);
+        } else if let Some(rest) = l.strip_prefix("# ").and_then(|r| r.strip_suffix(" is not set")) {
+            have.insert(rest, "n");
+        }
+    }
+    wants
+        .values()
+        .filter_map(|w| {
+            let got = have.get(w.name.as_str()).copied().unwrap_or("n");
+            (got != w.value).then(|| (w.clone(), got.to_string()))
+        })
+        .collect()
+}
+
+/// The fragments, sorted by file name, as (path relative to the repo, text).
+pub fn read_fragments() -> Result<Vec<(String, String)>> {
+    let dir = util::project_root().join("kernel-config");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("Failed to read {}", dir.display()))? {
+        let p = e?.path();
+        if p.extension().and_then(|x| x.to_str()) == Some("config") {
+            let text = std::fs::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
+            out.push((format!("kernel-config/{}", p.file_name().unwrap_or_default().to_string_lossy()), text));
+        }
+    }
+    out.sort();
+    if out.is_empty() {
+        bail!("no kernel-config/*.config fragments found in {}", dir.display());
+    }
+    Ok(out)
+}
+
+/// The patch files of `kernel-patches/series`, in order, as (name, contents).
+pub fn read_series() -> Result<Vec<(String, Vec<u8>)>> {
+    let dir = util::project_root().join("kernel-patches");
+    let series = dir.join("series");
+    let text = match std::fs::read_to_string(&series) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("Failed to read {}", series.display())),
+    };
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if l.is_empty() || l.starts_with('#') {
+            continue;
+        }
+        let p = dir.join(l);
+        let bytes = std::fs::read(&p).with_context(|| format!("kernel-patches/series:{}: cannot read {}", i + 1, p.display()))?;
+        out.push((l.to_string(), bytes));
+    }
+    Ok(out)
+}
+
+/// The flavors that can be built now: stock always, patched once the series lists patches.
+pub fn available_flavors() -> Result<Vec<Flavor>> {
+    let mut v = vec![Flavor::Stock];
+    if !read_series()?.is_empty() {
+        v.push(Flavor::Patched);
+    }
+    Ok(v)
+}
+
+/// The pristine Debian source tree, fetched and extracted once.
+pub fn debian_source(cache: &Cache) -> Result<PathBuf> {
+    let src = cache.dir("src")?;
+    let tree = src.join(format!("linux-{SOURCE_VERSION}"));
+    if tree.join(".pinlab-complete").exists() {
+        return Ok(tree);
+    }
+    let t = Instant::now();
+    let apt = Apt::new(cache)?;
+    let pb = ui::spinner(format!("kernel source: fetching {SOURCE_PACKAGE}={SOURCE_VERSION}"));
+    let deb = apt.fetch(SOURCE_PACKAGE, SOURCE_VERSION)?;
+    pb.set_message(format!("kernel source: extracting {}", deb.display()));
+    let tmp = src.join(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    // dpkg-deb -x gives usr/src/linux-source-6.12.tar.xz; unpack that next to it.
+    let mut x = Command::new("dpkg-deb");
+    x.arg("-x").arg(&deb).arg(&tmp);
+    util::output(x).context("Failed to unpack the linux-source .deb")?;
+    let tarball = tmp.join("usr/src/linux-source-6.12.tar.xz");
+    let mut tar = Command::new("tar");
+    tar.arg("-xJf").arg(&tarball).arg("-C").arg(&tmp);
+    util::output(tar).context("Failed to extract the kernel tarball")?;
+    let extracted = tmp.join("linux-source-6.12");
+    if !extracted.join("Makefile").exists() {
+        bail!("{} has no Makefile after extraction", extracted.display());
+    }
+    std::fs::write(extracted.join(".pinlab-complete"), SOURCE_VERSION)?;
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::rename(&extracted, &tree)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    pb.finish_and_clear();
+    eprintln!("kernel source: {} ready in {}", tree.display(), util::since(t));
+    Ok(tree)
+}
+
+/// A git tree of the pinned source with the series applied as commits
+/// (`cache/trees/patched`), reset and re-applied when the series changes.
+pub fn patched_tree(cache: &Cache, pristine: &Path, series: &[(String, Vec<u8>)]) -> Result<PathBuf> {
+    let trees = cache.dir("trees")?;
+    let tree = trees.join("patched");
+    let mut h = KeyHasher::default();
+    for (n, b) in series {
+        h.part(n, b);
+    }
+    let key = h.finish();
+    let stamp = tree.join(".git/pinlab-series");
+    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str()) {
+        return Ok(tree);
+    }
+    let git = |args: &[&str]| -> Command {
+        let mut c = Command::new("git");
+        c.arg("-C").arg(&tree).args(["-c", "user.name=pinlab", "-c", "user.email=pinlab@localhost"]).args(args);
+        c
+    };
+    if !tree.join(".git/pinlab-base").exists() {
+        let pb = ui::spinner("patched tree: copying the pristine source and committing it as the base".to_string());
+        let _ = std::fs::remove_dir_all(&tree);
+        let mut cp = Command::new("cp");
+        cp.arg("-a").arg(pristine).arg(&tree);
+        util::output(cp)?;
+        let _ = std::fs::remove_file(tree.join(".pinlab-complete"));
+        util::output(git(&["init", "-q"]))?;
+        util::output(git(&["add", "-A"]))?;
+        util::output(git(&["commit", "-q", "-m", &format!("Debian {SOURCE_PACKAGE} {SOURCE_VERSION}")]))?;
+        util::output(git(&["tag", "-f", "pinlab-base"]))?;
+        std::fs::write(tree.join(".git/pinlab-base"), SOURCE_VERSION)?;
+        pb.finish_and_clear();
+    }
+    util::output(git(&["am", "--abort"])).ok();
+    util::output(git(&["reset", "-q", "--hard", "pinlab-base"]))?;
+    let dir = util::project_root().join("kernel-patches");
+    for (name, _) in series {
+        let mut am = git(&["am", "-q", "--keep-cr"]);
+        am.arg(dir.join(name));
+        if let Err(e) = util::output(am) {
+            util::output(git(&["am", "--abort"])).ok();
+            return Err(e).with_context(|| format!("kernel-patches/{name} does not apply to {SOURCE_VERSION}"));
+        }
+    }
+    std::fs::write(&stamp, &key)?;
+    Ok(tree)
+}
+
+/// The cache key of a flavor's kernel.
+pub fn cache_key(source_id: &str, series: &[(String, Vec<u8>)], fragments: &[(String, String)]) -> String {
+    let mut h = KeyHasher::default();
+    h.part("recipe", RECIPE.as_bytes()).part("source", source_id.as_bytes());
+    for (n, b) in series {
+        h.part(&format!("patch:{n}"), b);
+    }
+    for (n, t) in fragments {
+        h.part(&format!("fragment:{n}"), t.as_bytes());
+    }
+    h.finish()
+}
+
+/// Build (or find in the cache) `flavor`'s bzImage.
+pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
+    let fragments = read_fragments()?;
+    let wants = parse_fragments(&fragments)?;
+    let series = match flavor {
+        Flavor::Stock => Vec::new(),
+        Flavor::Patched => {
+            let s = read_series()?;
+            if s.is_empty() {
+                bail!("the patched flavor needs patches: kernel-patches/series lists none yet");
+            }
+            s
+        }
+    };
+    let (srctree, source_id, build_name) = match source {
+        Source::Debian => {
+            let pristine = debian_source(cache)?;
+            let tree = match flavor {
+                Flavor::Stock => pristine,
+                Flavor::Patched => patched_tree(cache, &pristine, &series)?,
+            };
+            (tree, format!("debian:{SOURCE_PACKAGE}={SOURCE_VERSION}"), flavor.name().to_string())
+        }
+        Source::Tree(p) => {
+            let p = p.canonicalize().with_context(|| format!("--kernel-tree {} does not exist", p.display()))?;
+            if !p.join("Makefile").exists() || !p.join("scripts/kconfig/merge_config.sh").exists() {
+                bail!("--kernel-tree {} does not look like a Linux source tree", p.display());
+            }
+            // A user's tree may change under us: the key covers its path, make does the rest.
+            let id = format!("tree:{}:{}", p.display(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs());
+            let name = format!("tree-{}", KeyHasher::default().part("p", p.display().to_string().as_bytes()).finish());
+            (p, id, name)
+        }
+    };
+    let key = cache_key(&source_id, &series, &fragments);
+    let out_dir = cache.dir("kernels")?.join(format!("{}-{key}", flavor.name()));
+    let bzimage = out_dir.join("bzImage");
+    if bzimage.exists() {
+        eprintln!("kernel {flavor}: cached {} (key {key})", bzimage.display());
+        return Ok(Kernel { flavor, bzimage, key });
+    }
+    let build_dir = cache.dir("build")?.join(&build_name);
+    std::fs::create_dir_all(&build_dir)?;
+    let log = build_dir.join("pinlab-build.log");
+    let _ = std::fs::remove_file(&log);
+    let t = Instant::now();
+    eprintln!("kernel {flavor}: building in {} (log: {})", build_dir.display(), log.display());
+
+    let make = |args: &[&str]| -> Command {
+        let mut c = Command::new("make");
+        c.current_dir(&srctree)
+            .arg(format!("O={}", build_dir.display()))
+            .arg("ARCH=x86_64")
+            .args(args)
+            .env("KBUILD_BUILD_USER", "pinlab")
+            .env("KBUILD_BUILD_HOST", "pinlab");
+        if util::which("ccache").is_some() {
+            c.arg("CC=ccache gcc").env("CCACHE_DIR", cache.root.join("ccache"));
+        }
+        c
+    };
+
+    // Configure: tinyconfig + fragments, then check nothing was dropped.
+    let pb = ui::spinner(format!("kernel {flavor}: configuring (tinyconfig + {} fragments)", fragments.len()));
+    util::run_logged(make(&["tinyconfig"]), &log, |_| {}).context("Failed to make tinyconfig")?;
+    let mut merge = Command::new(srctree.join("scripts/kconfig/merge_config.sh"));
+    merge.current_dir(&srctree).env("ARCH", "x86_64").arg("-m").arg("-O").arg(&build_dir).arg(build_dir.join(".config"));
+    for (f, _) in &fragments {
+        merge.arg(util::project_root().join(f));
+    }
+    util::run_logged(merge, &log, |_| {}).context("Failed to merge the config fragments")?;
+    util::run_logged(make(&["olddefconfig"]), &log, |_| {}).context("Failed to make olddefconfig")?;
+    pb.finish_and_clear();
+    let config = std::fs::read_to_string(build_dir.join(".config"))?;
+    let dropped = dropped_options(&wants, &config);
+    if !dropped.is_empty() {
+        let lines: Vec<_> = dropped
+            .iter()
+            .map(|(w, got)| format!("  {}={} ({}:{}) ended up as {got}", w.name, w.value, w.file, w.line))
+            .collect();
+        bail!(
+            "kernel {flavor}: Kconfig dropped {} option(s) the fragments ask for, probably due to unsatisfied dependencies:\n{}\n\
+             Add the missing dependencies to a fragment (see `make O={} menuconfig`, search with /).",
+            dropped.len(),
+            lines.join("\n"),
+            build_dir.display()
+        );
+    }
+
+    // Build with a progress bar: compiled objects vs the count the last full build saw.
+    let count_file = build_dir.join(".pinlab-objects");
+    let expected = std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(DEFAULT_OBJECTS);
+    let pb = ui::bar(expected, format!("kernel {flavor}: compiling"));
+    let mut n = 0u64;
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    util::run_logged(make(&[&format!("-j{jobs}"), "bzImage"]), &log, |line| {
+        if line.starts_with("  CC ") || line.starts_with("  AS ") {
+            n += 1;
+            pb.set_position(n.min(expected));
+            if let Some(obj) = line.split_whitespace().nth(1) {
+                pb.set_message(format!("kernel {flavor}: {obj}"));
+            }
+        }
+    })
+    .with_context(|| format!("kernel {flavor}: build failed; the full log is {}", log.display()))?;
+    pb.finish_and_clear();
+    if n > expected / 2 {
+        std::fs::write(&count_file, n.to_string())?;
+    }
+    let built = build_dir.join("arch/x86/boot/bzImage");
+    let staging = out_dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    std::fs::copy(&built, staging.join("bzImage")).with_context(|| format!("Failed to copy {}", built.display()))?;
+    std::fs::copy(build_dir.join(".config"), staging.join("config"))?;
+    std::fs::copy(&log, staging.join("build.log"))?;
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::rename(&staging, &out_dir)?;
+    eprintln!("kernel {flavor}: built {} in {} ({n} objects compiled)", bzimage.display(), util::since(t));
+    Ok(Kernel { flavor, bzimage, key })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frags() -> Vec<(String, String)> {
+        vec![
+            ("a.config".into(), "# comment\nCONFIG_ZONE_DEVICE=y\n# CONFIG_MODULES is not set\n".into()),
+            ("b.config".into(), "CONFIG_NR_CPUS=4\n".into()),
+        ]
+    }
+
+    #[test]
+    fn dropped_option_is_reported_with_its_fragment() {
+        let wants = parse_fragments(&frags()).unwrap();
+        let config = "CONFIG_NR_CPUS=4\n# CONFIG_ZONE_DEVICE is not set\n";
+        let d = dropped_options(&wants, config);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].0.name, "CONFIG_ZONE_DEVICE");
+        assert_eq!(d[0].0.file, "a.config");
+        assert_eq!(d[0].0.line, 2);
+        assert_eq!(d[0].1, "n");
+    }
+
+    #[test]
+    fn satisfied_config_has_nothing_dropped() {
+        let wants = parse_fragments(&frags()).unwrap();
+        // An unset option may also simply be absent from .config.
+        assert!(dropped_options(&wants, "CONFIG_ZONE_DEVICE=y\nCONFIG_NR_CPUS=4\n").is_empty());
+        // A value changed by Kconfig counts as dropped.
+        assert_eq!(dropped_options(&wants, "CONFIG_ZONE_DEVICE=y\nCONFIG_NR_CPUS=8\n").len(), 1);
+    }
+
+    #[test]
+    fn conflicting_fragments_name_both_files() {
+        let mut f = frags();
+        f.push(("c.config".into(), "CONFIG_NR_CPUS=8\n".into()));
+        let e = parse_fragments(&f).unwrap_err().to_string();
+        assert!(e.contains("b.config:1") && e.contains("c.config:1"), "{e}");
+        let bad = vec![("d.config".into(), "ZONE_DEVICE=y\n".into())];
+        assert!(parse_fragments(&bad).unwrap_err().to_string().contains("d.config:1"));
+    }
+
+    #[test]
+    fn cache_key_is_stable_and_covers_inputs() {
+        let f = frags();
+        let k1 = cache_key("debian:x", &[], &f);
+        assert_eq!(k1, cache_key("debian:x", &[], &f));
+        assert_ne!(k1, cache_key("debian:y", &[], &f));
+        assert_ne!(k1, cache_key("debian:x", &[("0001.patch".into(), b"diff".to_vec())], &f));
+        let mut g = f.clone();
+        g[1].1.push_str("CONFIG_SMP=y\n");
+        assert_ne!(k1, cache_key("debian:x", &[], &g));
+    }
+
+    #[test]
+    fn shipped_fragments_parse() {
+        let w = parse_fragments(&read_fragments().unwrap()).unwrap();
+        for must in ["CONFIG_ZONE_DEVICE", "CONFIG_FS_DAX", "CONFIG_RDMA_RXE", "CONFIG_VIRTIO_FS", "CONFIG_ACPI_NFIT", "CONFIG_XFS_FS", "CONFIG_EXT4_FS", "CONFIG_DEV_DAX_PMEM"] {
+            assert_eq!(w.get(must).map(|x| x.value.as_str()), Some("y"), "{must}");
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The only place QEMU's command line is built: pure `*_args()` helpers, one
+//! per concern, each flag commented, unit-tested below.
+
+use crate::vm::Accel;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Guest RAM. Enough for rxe, two 2 MiB MRs per process and mkfs.
+pub const RAM_MIB: u64 = 1024;
+/// The fsdax NVDIMM (namespace0.0 → /dev/pmem0). 1 GiB label-less: its
+/// region is exactly aligned (DESIGN.md, "Seen here").
+pub const PMEM_MIB: u64 = 1024;
+/// The devdax NVDIMM (namespace1.0 → /dev/dax1.0).
+pub const DEVDAX_MIB: u64 = 512;
+
+/// Everything one boot needs.
+#[derive(Clone, Debug)]
+pub struct QemuSpec {
+    /// `-accel` choice.
+    pub accel: Accel,
+    /// vCPUs.
+    pub cpus: u32,
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// Extra kernel command line (appended).
+    pub cmdline_extra: String,
+    /// NVDIMM backing files: fsdax, devdax.
+    pub pmem: PathBuf,
+    /// See [`QemuSpec::pmem`].
+    pub devdax: PathBuf,
+    /// vhost-user socket of the virtiofsd serving the rootfs.
+    pub rootfs_sock: PathBuf,
+    /// vhost-user socket of the virtiofsd serving the run share.
+    pub share_sock: PathBuf,
+}
+
+fn os(v: &[&str]) -> Vec<OsString> {
+    v.iter().map(OsString::from).collect()
+}
+
+/// Machine, CPU model and accelerator.
+pub fn machine_args(accel: Accel, cpus: u32) -> Vec<OsString> {
+    let mut a = os(&[
+        // Start from nothing: no default NIC, VGA, floppy, CD, monitor or user config.
+        "-nodefaults",
+        "-no-user-config",
+        // A guest poweroff or panic (panic=-1 below) ends QEMU instead of rebooting.
+        "-no-reboot",
+        // No window; the console is the serial port on stdio.
+        "-display",
+        "none",
+        // "pc" (i440fx) with the NVDIMM ACPI NFIT enabled.
+        "-machine",
+        "pc,nvdimm=on",
+        "-smp",
+    ]);
+    a.push(cpus.to_string().into());
+    match accel {
+        // A working KVM: the host CPU model is fastest.
+        Accel::Kvm => a.extend(os(&["-accel", "kvm", "-cpu", "host"])),
+        // TCG: one host thread per vCPU; "max" gives every feature TCG can emulate.
+        Accel::Tcg => a.extend(os(&["-accel", "tcg,thread=multi", "-cpu", "max"])),
+    }
+    a
+}
+
+/// Guest RAM on a shared memfd (vhost-user-fs needs guest RAM it can map),
+/// with room for the NVDIMMs as hot-pluggable memory.
+pub fn memory_args() -> Vec<OsString> {
+    vec![
+        "-m".into(),
+        // slots/maxmem: NVDIMMs live in the hotplug area above RAM.
+        format!("{RAM_MIB}M,slots=4,maxmem={}M", RAM_MIB + PMEM_MIB + DEVDAX_MIB + 1024).into(),
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={RAM_MIB}M,share=on").into(),
+        // Guest RAM must come from the shared memfd: one NUMA node backed by it.
+        "-numa".into(),
+        "node,memdev=mem".into(),
+    ]
+}
+
+/// Two label-less NVDIMMs on sparse host files (share=on: guest writes reach
+/// the file, as on real persistent memory).
+pub fn nvdimm_args(pmem: &Path, devdax: &Path) -> Vec<OsString> {
+    let mut a = Vec::new();
+    for (i, (file, mib)) in [(pmem, PMEM_MIB), (devdax, DEVDAX_MIB)].into_iter().enumerate() {
+        a.push("-object".into());
+        a.push(format!("memory-backend-file,id=nv{i},share=on,mem-path={},size={mib}M", file.display()).into());
+        a.push("-device".into());
+        a.push(format!("nvdimm,id=nvdimm{i},memdev=nv{i}").into());
+    }
+    a
+}
+
+/// virtiofs shares: the rootfs (`rootfs`) and the run share (`pinlab`).
+pub fn virtiofs_args(rootfs_sock: &Path, share_sock: &Path) -> Vec<OsString> {
+    let mut a = Vec::new();
+    for (i, (sock, tag)) in [(rootfs_sock, "rootfs"), (share_sock, "pinlab")].into_iter().enumerate() {
+        a.push("-chardev".into());
+        a.push(format!("socket,id=vfs{i},path={}", sock.display()).into());
+        a.push("-device".into());
+        a.push(format!("vhost-user-fs-pci,chardev=vfs{i},tag={tag}").into());
+    }
+    a
+}
+
+/// A NIC for rxe with no host backend: the hub has no other port, so nothing
+/// leaves the guest. `romfile=` skips loading the iPXE option ROM.
+pub fn net_args() -> Vec<OsString> {
+    os(&[
+        "-netdev",
+        "hubport,id=n0,hubid=0",
+        "-device",
+        "virtio-net-pci,netdev=n0,romfile=",
+        // Entropy, so nothing in the guest waits for the CRNG.
+        "-device",
+        "virtio-rng-pci",
+    ])
+}
+
+/// The serial console on stdio (the host tees it to console.log); no monitor.
+pub fn serial_args() -> Vec<OsString> {
+    os(&["-serial", "stdio", "-monitor", "none"])
+}
+
+/// The kernel command line.
+pub fn cmdline(extra: &str) -> String {
+    let mut s = String::from(
+        // Console on the first serial port.
+        "console=ttyS0 \
+         root=rootfs rootfstype=virtiofs ro \
+         init=/usr/local/bin/pinlab-init \
+         panic=-1 oops=panic \
+         loglevel=7",
+    );
+    // oops=panic: an oops ends the run at once instead of leaving a wedged guest.
+    if !extra.is_empty() {
+        s.push(' ');
+        s.push_str(extra);
+    }
+    s
+}
+
+/// Direct kernel boot.
+pub fn kernel_args(kernel: &Path, extra: &str) -> Vec<OsString> {
+    vec!["-kernel".into(), kernel.into(), "-append".into(), cmdline(extra).into()]
+}
+
+/// The whole argv (without the program name).
+pub fn args(spec: &QemuSpec) -> Vec<OsString> {
+    let mut a = machine_args(spec.accel, spec.cpus);
+    a.extend(memory_args());
+    a.extend(nvdimm_args(&spec.pmem, &spec.devdax));
+    a.extend(virtiofs_args(&spec.rootfs_sock, &spec.share_sock));
+    a.extend(net_args());
+    a.extend(serial_args());
+    a.extend(kernel_args(&spec.kernel, &spec.cmdline_extra));
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(accel: Accel) -> QemuSpec {
+        QemuSpec {
+            accel,
+            cpus: 2,
+            kernel: "/k/bzImage".into(),
+            cmdline_extra: "pinlab.mode=run".into(),
+            pmem: "/t/pmem0.img".into(),
+            devdax: "/t/pmem1.img".into(),
+            rootfs_sock: "/t/rootfs.sock".into(),
+            share_sock: "/t/share.sock".into(),
+        }
+    }
+
+    fn joined(a: &[OsString]) -> String {
+        a.iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn tcg_argv() {
+        let a = joined(&args(&spec(Accel::Tcg)));
+        assert!(a.contains("-machine pc,nvdimm=on"), "{a}");
+        assert!(a.contains("-accel tcg,thread=multi -cpu max"), "{a}");
+        assert!(!a.contains("kvm"), "{a}");
+        assert!(a.contains("-object memory-backend-memfd,id=mem,size=1024M,share=on -numa node,memdev=mem"), "{a}");
+        assert!(a.contains("memory-backend-file,id=nv0,share=on,mem-path=/t/pmem0.img,size=1024M -device nvdimm,id=nvdimm0,memdev=nv0"), "{a}");
+        assert!(a.contains("mem-path=/t/pmem1.img,size=512M"), "{a}");
+        assert!(a.contains("-chardev socket,id=vfs0,path=/t/rootfs.sock -device vhost-user-fs-pci,chardev=vfs0,tag=rootfs"), "{a}");
+        assert!(a.contains("tag=pinlab"), "{a}");
+        assert!(a.contains("-no-reboot"), "{a}");
+        assert!(a.ends_with("pinlab.mode=run"), "{a}");
+    }
+
+    #[test]
+    fn kvm_argv() {
+        let a = joined(&args(&spec(Accel::Kvm)));
+        assert!(a.contains("-accel kvm -cpu host"), "{a}");
+    }
+
+    #[test]
+    fn no_host_networking() {
+        let a = joined(&args(&spec(Accel::Tcg)));
+        assert!(!a.contains("user,") && !a.contains("-netdev user") && !a.contains("tap"), "{a}");
+        assert!(a.contains("-netdev hubport,id=n0,hubid=0"), "{a}");
+    }
+
+    #[test]
+    fn maxmem_covers_ram_and_nvdimms() {
+        let a = joined(&memory_args());
+        assert!(a.contains("1024M,slots=4,maxmem=3584M"), "{a}");
+    }
+}

@@ -1,0 +1,164 @@
+//! `cargo xtask run`: kernels + rootfs + one boot per (flavor, filesystem),
+//! then expected vs actual, reports under `target/pinlab/runs/<id>/`.
+
+use crate::host::{self, Need};
+use crate::kernel::{self, Source};
+use crate::report::{self, BootRecord, RunResults};
+use crate::ui;
+use crate::util::{self, Cache};
+use crate::vm::{self, Accel, BootSpec, Deadlines};
+use anyhow::{Context, Result};
+use pinlab_scenarios::plan::Plan;
+use pinlab_scenarios::results::{self, CellResult};
+use pinlab_scenarios::spec::{self, Scenario};
+use pinlab_scenarios::{Flavor, Fs};
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime};
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOpts {
+    /// Flavors (empty: stock, or every available one for `demo`).
+    pub flavors: Vec<Flavor>,
+    /// Filesystems (empty: both).
+    pub fss: Vec<Fs>,
+    /// Scenario ids (empty: all).
+    pub scenarios: Vec<String>,
+    /// `--accel`.
+    pub accel: Option<Accel>,
+    /// `--kernel-tree`.
+    pub kernel_tree: Option<PathBuf>,
+    /// `--no-install`.
+    pub no_install: bool,
+    /// `run demo`.
+    pub demo: bool,
+}
+
+/// Load every scenario spec from `tests/scenarios/`.
+pub fn load_specs() -> Result<Vec<Scenario>> {
+    spec::load_dir(&util::project_root().join("tests/scenarios"))
+}
+
+/// Run; returns whether every expectation held.
+pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
+    let t0 = Instant::now();
+    host::ensure(&[Need::Kernel, Need::Demos, Need::Image, Need::Boot], opts.no_install)?;
+    host::ensure_virtiofsd(cache, opts.no_install)?;
+    let specs = spec::select(load_specs()?, &opts.scenarios)?;
+    let flavors = if !opts.flavors.is_empty() {
+        opts.flavors.clone()
+    } else if opts.demo {
+        kernel::available_flavors()?
+    } else {
+        vec![Flavor::Stock]
+    };
+    let fss = if opts.fss.is_empty() { Fs::ALL.to_vec() } else { opts.fss.clone() };
+    let accel = vm::choose_accel(opts.accel);
+    let source = match &opts.kernel_tree {
+        Some(p) => Source::Tree(p.clone()),
+        None => Source::Debian,
+    };
+    let mut kernels = Vec::new();
+    for &f in &flavors {
+        kernels.push(kernel::build(cache, f, &source)?);
+    }
+    let rootfs = crate::image::build(cache)?;
+
+    let run_id = util::utc_stamp(SystemTime::now());
+    let runs = util::target_dir().join("runs");
+    let run_dir = runs.join(&run_id);
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("Failed to create {}", run_dir.display()))?;
+    let latest = runs.join("latest");
+    let _ = std::fs::remove_file(&latest);
+    std::os::unix::fs::symlink(&run_id, &latest).with_context(|| format!("Failed to link {}", latest.display()))?;
+    eprintln!("run {run_id}: {} flavor(s) × {} filesystem(s), {} scenario(s), accel {}", flavors.len(), fss.len(), specs.len(), accel.name());
+
+    let mut cells: Vec<CellResult> = Vec::new();
+    let mut boots = Vec::new();
+    for k in &kernels {
+        for &fs in &fss {
+            let mine: Vec<&Scenario> = specs.iter().filter(|s| s.runs_on(fs)).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let plan = Plan { flavor: k.flavor, fs, scenarios: mine.iter().map(|s| s.planned()).collect() };
+            let dir = run_dir.join(format!("{}-{}", k.flavor, fs));
+            std::fs::create_dir_all(&dir)?;
+            let label = format!("boot {}/{}", k.flavor, fs);
+            eprintln!("{label}: booting {} under {} ({} scenarios)", k.bzimage.display(), accel.name(), plan.scenarios.len());
+            let pb = ui::spinner(format!("{label}: booting"));
+            let mut on_line = |line: &str| {
+                if let Some(rest) = line.split(crate::console::MARK_SCENARIO).nth(1) {
+                    pb.set_message(format!("{label}: {rest}"));
+                    pb.println(format!("  {label}: {rest}"));
+                } else if line.contains(crate::console::MARK_RUNNER) {
+                    pb.set_message(format!("{label}: runner started"));
+                }
+            };
+            let outcome = vm::boot(
+                cache,
+                BootSpec {
+                    kernel: &k.bzimage,
+                    rootfs: &rootfs,
+                    dir: &dir,
+                    plan: &plan,
+                    accel,
+                    deadlines: Deadlines::for_plan(accel, &plan),
+                    on_line: &mut on_line,
+                },
+            )?;
+            pb.finish_and_clear();
+            eprintln!(
+                "{label}: {} in {} (runner started at {})",
+                if outcome.failure.is_none() && outcome.splats.is_empty() { "done" } else { "FAILED" },
+                util::fmt_duration(outcome.wall),
+                outcome.to_runner.map(util::fmt_duration).unwrap_or_else(|| "—".into())
+            );
+            let boot_ok = outcome.failure.is_none() && outcome.splats.is_empty();
+            for s in &mine {
+                let got = outcome.results.as_ref().and_then(|r| r.scenarios.iter().find(|x| x.id == s.id));
+                let mut c = results::check(s, k.flavor, fs, got);
+                // A splat or a dead boot fails every cell of that boot.
+                c.pass &= boot_ok;
+                cells.push(c);
+            }
+            let rel = |p: &std::path::Path| p.strip_prefix(&run_dir).unwrap_or(p).display().to_string();
+            boots.push(BootRecord {
+                flavor: k.flavor,
+                fs,
+                kernel: outcome.results.as_ref().map(|r| r.kernel.clone()).unwrap_or_default(),
+                kernel_key: k.key.clone(),
+                wall_s: outcome.wall.as_secs_f64(),
+                to_runner_s: outcome.to_runner.map(|d| d.as_secs_f64()),
+                console: rel(&outcome.console),
+                splats: outcome.splats.iter().map(|s| format!("{} at console.log:{}: {}", s.kind, s.line, s.text)).collect(),
+                failure: outcome.failure.clone(),
+                setup: outcome
+                    .results
+                    .as_ref()
+                    .map(|r| r.setup.iter().map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)).collect())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    let pass = cells.iter().all(|c| c.pass) && boots.iter().all(|b| b.failure.is_none() && b.splats.is_empty());
+    let res = RunResults {
+        run_id: run_id.clone(),
+        accel: accel.name().into(),
+        results: cells,
+        boots,
+        wall_s: t0.elapsed().as_secs_f64(),
+        pass,
+    };
+    std::fs::write(run_dir.join("results.json"), serde_json::to_vec_pretty(&res)?)?;
+    std::fs::write(run_dir.join("report.md"), report::markdown(&specs, &res))?;
+    println!("\n{}", report::table(&specs, &res));
+    let passed = res.results.iter().filter(|c| c.pass).count();
+    println!(
+        "{passed}/{} as expected in {}. Report: {}",
+        res.results.len(),
+        util::since(t0),
+        run_dir.join("report.md").display()
+    );
+    Ok(pass)
+}

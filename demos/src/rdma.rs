@@ -28,7 +28,7 @@ use sideway::ibverbs::completion::{
 };
 use sideway::ibverbs::device::{DeviceInfo, DeviceList, GetDeviceListErrorKind, OpenDeviceErrorKind};
 use sideway::ibverbs::device_context::{
-    AllocateProtectionDomainErrorKind, DeviceContext, Mtu, QueryPortErrorKind,
+    AllocateProtectionDomainErrorKind, DeviceContext, Mtu, PortState, QueryPortErrorKind,
 };
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
@@ -286,12 +286,7 @@ impl Device {
             step(errno, format!("ibv_query_port({}, port {PORT}): {text}", self.name))
         })?;
         let a = &attr.attr;
-        Ok(PortInfo {
-            state: a.state,
-            active_mtu: a.active_mtu,
-            max_msg_sz: a.max_msg_sz,
-            gid_tbl_len: a.gid_tbl_len,
-        })
+        Ok(PortInfo { state: a.state, active_mtu: a.active_mtu, max_msg_sz: a.max_msg_sz, gid_tbl_len: a.gid_tbl_len })
     }
 
     /// The GID to use: the first RoCE v2 entry holding an IPv4-mapped
@@ -352,7 +347,7 @@ struct PortInfo {
 }
 
 /// `IBV_PORT_ACTIVE`.
-const PORT_ACTIVE: u32 = 4;
+const PORT_ACTIVE: u32 = PortState::Active as u32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum GidKind {
@@ -387,9 +382,7 @@ struct GidCandidate {
 }
 
 fn choose_gid(cands: &[GidCandidate]) -> Option<&GidCandidate> {
-    cands
-        .iter()
-        .find(|c| c.kind == GidKind::RoceV2 && Ipv6Addr::from(c.gid).to_ipv4_mapped().is_some())
+    cands.iter().find(|c| c.kind == GidKind::RoceV2 && Ipv6Addr::from(c.gid).to_ipv4_mapped().is_some())
 }
 
 fn describe_gids(cands: &[GidCandidate]) -> String {
@@ -405,28 +398,16 @@ fn describe_gids(cands: &[GidCandidate]) -> String {
 
 /// `Mtu` for an `ibv_mtu` value, and its size in bytes.
 fn mtu_from_ibv(v: u32) -> Option<(Mtu, u32)> {
-    [
-        (Mtu::Mtu256, 256),
-        (Mtu::Mtu512, 512),
-        (Mtu::Mtu1024, 1024),
-        (Mtu::Mtu2048, 2048),
-        (Mtu::Mtu4096, 4096),
-    ]
-    .into_iter()
-    .find(|(m, _)| *m as u32 == v)
+    [(Mtu::Mtu256, 256), (Mtu::Mtu512, 512), (Mtu::Mtu1024, 1024), (Mtu::Mtu2048, 2048), (Mtu::Mtu4096, 4096)]
+        .into_iter()
+        .find(|(m, _)| *m as u32 == v)
 }
 
 fn mtu_from_bytes(b: u32) -> Option<Mtu> {
-    [
-        (Mtu::Mtu256, 256),
-        (Mtu::Mtu512, 512),
-        (Mtu::Mtu1024, 1024),
-        (Mtu::Mtu2048, 2048),
-        (Mtu::Mtu4096, 4096),
-    ]
-    .into_iter()
-    .find(|(_, n)| *n == b)
-    .map(|(m, _)| m)
+    [(Mtu::Mtu256, 256), (Mtu::Mtu512, 512), (Mtu::Mtu1024, 1024), (Mtu::Mtu2048, 2048), (Mtu::Mtu4096, 4096)]
+        .into_iter()
+        .find(|(_, n)| *n == b)
+        .map(|(m, _)| m)
 }
 
 /// A registered memory region. Deregistered on drop (errors then go to
@@ -565,13 +546,7 @@ enum Msg {
     /// Server to client: my QP is at RTS, write now.
     Ready,
     /// Client to server: how the RDMA WRITEs completed.
-    Done {
-        ok: bool,
-        bytes: u64,
-        status: String,
-        errno: Option<i32>,
-        elapsed_us: u64,
-    },
+    Done { ok: bool, bytes: u64, status: String, errno: Option<i32>, elapsed_us: u64 },
     /// Server to client: giving up.
     Abort { reason: String, errno: Option<i32> },
 }
@@ -605,9 +580,8 @@ impl Wire {
     fn new(stream: TcpStream) -> Result<Wire, StepError> {
         let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "peer".to_string());
         let _ = stream.set_nodelay(true);
-        let reader = stream
-            .try_clone()
-            .map_err(|e| step(e.raw_os_error(), format!("dup of the TCP socket to {peer}: {e}")))?;
+        let reader =
+            stream.try_clone().map_err(|e| step(e.raw_os_error(), format!("dup of the TCP socket to {peer}: {e}")))?;
         Ok(Wire { writer: stream, reader: BufReader::new(reader), peer })
     }
 
@@ -699,7 +673,10 @@ fn connect_until(server: SocketAddr, until: Instant) -> Result<TcpStream, StepEr
     loop {
         let Some(left) = remaining(until) else {
             let why = last.map(|e| e.to_string()).unwrap_or_else(|| "no attempt finished".to_string());
-            return Err(StepError::errno(libc::ETIMEDOUT, format!("connect to {server} timed out (last error: {why})")));
+            return Err(StepError::errno(
+                libc::ETIMEDOUT,
+                format!("connect to {server} timed out (last error: {why})"),
+            ));
         };
         match TcpStream::connect_timeout(&server, left) {
             Ok(s) => return Ok(s),
@@ -793,10 +770,7 @@ impl RcQp {
             max_msg: port.max_msg_sz,
         };
         let mut attr = QueuePairAttribute::new();
-        attr.setup_state(QueuePairState::Init)
-            .setup_pkey_index(0)
-            .setup_port(PORT)
-            .setup_access_flags(mr_access());
+        attr.setup_state(QueuePairState::Init).setup_pkey_index(0).setup_port(PORT).setup_access_flags(mr_access());
         rc.modify(&attr, "INIT (pkey_index=0, port=1, access=LOCAL_WRITE|REMOTE_WRITE)")?;
         Ok(rc)
     }
@@ -840,10 +814,7 @@ impl RcQp {
         let (mtu, mtu_bytes) = self.path_mtu(remote)?;
         let remote_gid = Gid::from(remote.gid);
         let mut ah = AddressHandleAttribute::new();
-        ah.setup_dest_lid(0)
-            .setup_port(PORT)
-            .setup_service_level(0)
-            .setup_grh(&remote_gid, 0, self.gid_index, 64, 0);
+        ah.setup_dest_lid(0).setup_port(PORT).setup_service_level(0).setup_grh(&remote_gid, 0, self.gid_index, 64, 0);
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::ReadyToReceive)
             .setup_path_mtu(mtu)
@@ -918,7 +889,7 @@ pub fn serve_write(dev: &Device, mr: &Mr, listener: &TcpListener, deadline: Dura
     let mut wire = Wire::new(stream)?;
     let result = serve_on(dev, mr, &mut wire, until);
     if let Err(e) = &result {
-        let abort = Msg::Abort { reason: e.to_string(), errno: e.errno };
+        let abort = Msg::Abort { reason: e.message.clone(), errno: e.errno };
         let _ = wire.send(&abort, Instant::now() + Duration::from_secs(1));
     }
     result
@@ -938,10 +909,9 @@ fn serve_on(dev: &Device, mr: &Mr, wire: &mut Wire, until: Instant) -> Result<()
     wire.send(&Msg::Ready, until)?;
     match wire.recv("the client's done message", until)? {
         Msg::Done { ok: true, bytes, .. } if bytes == mr.len() as u64 => Ok(()),
-        Msg::Done { ok: true, bytes, .. } => Err(StepError::other(format!(
-            "client reported success but wrote {bytes} of {} bytes",
-            mr.len()
-        ))),
+        Msg::Done { ok: true, bytes, .. } => {
+            Err(StepError::other(format!("client reported success but wrote {bytes} of {} bytes", mr.len())))
+        }
         Msg::Done { status, errno, .. } => Err(step(errno, format!("client's RDMA WRITE failed: {status}"))),
         other => Err(unexpected(&other, "done")),
     }
@@ -1003,7 +973,7 @@ pub fn client_write(server: SocketAddr, deadline: Duration) -> anyhow::Result<Cl
     match client_run(&mut wire, &hello, t0, until) {
         Ok(report) => Ok(report),
         Err(e) => {
-            let done = Msg::Done { ok: false, bytes: 0, status: e.to_string(), errno: e.errno, elapsed_us: 0 };
+            let done = Msg::Done { ok: false, bytes: 0, status: e.message.clone(), errno: e.errno, elapsed_us: 0 };
             let _ = wire.send(&done, Instant::now() + Duration::from_secs(1));
             Err(e.into())
         }
@@ -1018,9 +988,7 @@ fn client_run(wire: &mut Wire, server: &Endpoint, t0: Instant, until: Instant) -
     let dev = Device::open(Some(&server.device)).map_err(|e| StepError::other(format!("{e:#}")))?;
     let mut buf = Region::anon(len).map_err(|e| step(e.errno, format!("client buffer: {}", e.message)))?;
     fill_pattern(buf.as_mut_slice());
-    let mr = dev
-        .reg_mr(buf.as_mut_ptr(), len)
-        .map_err(|e| step(e.errno, format!("client buffer: {}", e.message)))?;
+    let mr = dev.reg_mr(buf.as_mut_ptr(), len).map_err(|e| step(e.errno, format!("client buffer: {}", e.message)))?;
     let mut rc = RcQp::new(&dev, SEND_DEPTH)?;
     wire.send(&Msg::Hello(rc.endpoint(None)), until)?;
     rc.connect(server)?;
@@ -1076,7 +1044,7 @@ fn write_all(rc: &mut RcQp, mr: &Mr, server: &Endpoint, chunk: usize, until: Ins
             let off = next * chunk;
             let this = chunk.min(len - off);
             let this32 = u32::try_from(this).map_err(|_| StepError::other(format!("chunk {this} exceeds u32")))?;
-            let remote = server.addr + off as u64;
+            let remote = server.addr.wrapping_add(off as u64);
             let mut guard = rc.qp.start_post_send();
             let wr = guard.construct_wr(next as u64, WorkRequestFlags::Signaled).setup_write(server.rkey, remote);
             // SAFETY: local+off..+this lies inside the registered client
@@ -1119,7 +1087,9 @@ fn write_all(rc: &mut RcQp, mr: &Mr, server: &Endpoint, chunk: usize, until: Ins
                 if remaining(until).is_none() {
                     return Err(StepError::errno(
                         libc::ETIMEDOUT,
-                        format!("timed out polling the CQ: {done} of {n} RDMA WRITEs completed ({in_flight} in flight)"),
+                        format!(
+                            "timed out polling the CQ: {done} of {n} RDMA WRITEs completed ({in_flight} in flight)"
+                        ),
                     ));
                 }
                 idle_polls += 1;

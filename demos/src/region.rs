@@ -5,9 +5,11 @@
 //! Every failure is a [`StepError`] carrying the errno of the failed call and
 //! a message naming the call, its path and its length.
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -52,24 +54,15 @@ fn io_errno(e: &io::Error) -> i32 {
 fn map(len: usize, flags: libc::c_int, fd: libc::c_int, what: &str) -> Result<NonNull<u8>, StepError> {
     // SAFETY: a fresh mapping at an address the kernel chooses (addr = NULL);
     // it does not alias any Rust object. The result is checked for MAP_FAILED.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            fd,
-            0,
-        )
-    };
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
     if p == libc::MAP_FAILED {
         return Err(StepError::last_os(format!("mmap({what}, len={len})")));
     }
     NonNull::new(p.cast::<u8>()).ok_or_else(|| StepError::other(format!("mmap({what}, len={len}) returned NULL")))
 }
 
-fn open_error(e: io::Error, call: &str, path: &Path) -> StepError {
-    StepError::errno(io_errno(&e), format!("{call}({}): {e}", path.display()))
+fn open_error(e: io::Error, flags: &str, path: &Path) -> StepError {
+    StepError::errno(io_errno(&e), format!("open({}, {flags}): {e}", path.display()))
 }
 
 impl Region {
@@ -95,7 +88,7 @@ impl Region {
             .truncate(true)
             .mode(0o644)
             .open(path)
-            .map_err(|e| open_error(e, "open(O_CREAT|O_TRUNC|O_RDWR, 0644)", path))?;
+            .map_err(|e| open_error(e, "O_CREAT|O_TRUNC|O_RDWR, 0644", path))?;
         let off_len = libc::off_t::try_from(len).map_err(|_| {
             StepError::errno(libc::EFBIG, format!("fallocate({}, len={len}): length too large", path.display()))
         })?;
@@ -104,12 +97,7 @@ impl Region {
         if r != 0 {
             return Err(StepError::last_os(format!("fallocate({}, mode=0, 0, len={len})", path.display())));
         }
-        let ptr = map(
-            len,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            &format!("{}, MAP_SHARED", path.display()),
-        )?;
+        let ptr = map(len, libc::MAP_SHARED, file.as_raw_fd(), &format!("{}, MAP_SHARED", path.display()))?;
         Ok(Region { ptr, len, kind: RegionKind::File, file: Some(file), path: Some(path.to_path_buf()) })
     }
 
@@ -120,7 +108,7 @@ impl Region {
     /// address by itself.
     pub fn devdax(path: &Path, len: usize) -> Result<Region, StepError> {
         let align = devdax_align(path);
-        if len == 0 || len % align != 0 {
+        if len == 0 || !len.is_multiple_of(align) {
             return Err(StepError::errno(
                 libc::EINVAL,
                 format!(
@@ -137,21 +125,13 @@ impl Region {
                 ));
             }
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| open_error(e, "open(O_RDWR)", path))?;
-        let ptr = map(
-            len,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            &format!("{}, MAP_SHARED", path.display()),
-        )?;
-        if (ptr.as_ptr() as usize) % align != 0 {
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| open_error(e, "O_RDWR", path))?;
+        let ptr = map(len, libc::MAP_SHARED, file.as_raw_fd(), &format!("{}, MAP_SHARED", path.display()))?;
+        if !(ptr.as_ptr() as usize).is_multiple_of(align) {
             // The kernel refuses misaligned device-DAX VMAs itself; this only
             // makes a surprising layout visible.
-            let region = Region { ptr, len, kind: RegionKind::Devdax, file: Some(file), path: Some(path.to_path_buf()) };
+            let region =
+                Region { ptr, len, kind: RegionKind::Devdax, file: Some(file), path: Some(path.to_path_buf()) };
             let addr = region.ptr.as_ptr();
             drop(region);
             return Err(StepError::other(format!(
@@ -212,36 +192,44 @@ impl Region {
         self.path.as_deref()
     }
 
-    /// For file regions: whether the file is DAX (`statx` `STATX_ATTR_DAX`
-    /// on the fd). `None` for anonymous and device-DAX regions. An error when
-    /// `statx` fails or the kernel does not report the DAX attribute.
+    /// Take the open file out of the region (e.g. to close the data fd while
+    /// the mapping and its pins stay, or to keep the fd across `munmap` by
+    /// dropping the region afterwards). Later [`Region::backing_file`] calls
+    /// return `None`; [`Region::is_dax`] then uses the path.
+    pub fn take_file(&mut self) -> Option<File> {
+        self.file.take()
+    }
+
+    /// For file regions: whether the file is DAX (`statx` `STATX_ATTR_DAX`,
+    /// on the fd, or on the path once the fd was taken). `None` for anonymous
+    /// and device-DAX regions. An error when `statx` fails or the kernel does
+    /// not report the DAX attribute.
     pub fn is_dax(&self) -> Result<Option<bool>, StepError> {
         if self.kind != RegionKind::File {
             return Ok(None);
         }
-        let (Some(file), Some(path)) = (self.file.as_ref(), self.path.as_ref()) else {
+        let Some(path) = self.path.as_ref() else {
             return Ok(None);
         };
-        statx_dax(file, path).map(Some)
+        statx_dax(self.file.as_ref(), path).map(Some)
     }
 }
 
-/// `statx(fd, "", AT_EMPTY_PATH)` and the `STATX_ATTR_DAX` bit.
-fn statx_dax(file: &File, path: &Path) -> Result<bool, StepError> {
-    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
-    // SAFETY: "" is a valid NUL-terminated string; stx points to writable
-    // memory of the right type for the kernel to fill.
-    let r = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_BASIC_STATS,
-            stx.as_mut_ptr(),
-        )
+/// `statx(fd, "", AT_EMPTY_PATH)` (or `statx(AT_FDCWD, path)` without an
+/// fd) and the `STATX_ATTR_DAX` bit.
+fn statx_dax(file: Option<&File>, path: &Path) -> Result<bool, StepError> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| StepError::errno(libc::EINVAL, format!("path {} contains a NUL byte", path.display())))?;
+    let (dirfd, name, flags, how) = match file {
+        Some(f) => (f.as_raw_fd(), c"", libc::AT_EMPTY_PATH, "fd, AT_EMPTY_PATH"),
+        None => (libc::AT_FDCWD, c_path.as_c_str(), 0, "AT_FDCWD"),
     };
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: name is a valid NUL-terminated string that outlives the call;
+    // stx points to writable memory of the right type for the kernel to fill.
+    let r = unsafe { libc::statx(dirfd, name.as_ptr(), flags, libc::STATX_BASIC_STATS, stx.as_mut_ptr()) };
     if r != 0 {
-        return Err(StepError::last_os(format!("statx({}, AT_EMPTY_PATH)", path.display())));
+        return Err(StepError::last_os(format!("statx({}, {how})", path.display())));
     }
     // SAFETY: statx returned 0, so the kernel filled the structure (and it
     // was zero-initialised before anyway).
@@ -334,8 +322,13 @@ mod tests {
             assert_eq!(r.path(), Some(p.as_path()));
             // tmpfs or a disk filesystem here: not DAX, but statx answers.
             assert_eq!(r.is_dax().unwrap(), Some(false));
+            let f = r.take_file().unwrap();
+            assert!(r.backing_file().is_none());
+            assert_eq!(r.is_dax().unwrap(), Some(false));
+            drop(f);
+            r.as_mut_slice()[11] = 0x5b;
         }
-        assert_eq!(std::fs::read(&p).unwrap()[10], 0x5a);
+        assert_eq!(&std::fs::read(&p).unwrap()[10..12], &[0x5a, 0x5b]);
         std::fs::remove_file(&p).unwrap();
     }
 
@@ -343,7 +336,7 @@ mod tests {
     fn file_in_missing_dir_names_the_call() {
         let e = Region::file(Path::new("/nonexistent-pinlab/x"), 4096).unwrap_err();
         assert_eq!(e.errno, Some(libc::ENOENT));
-        assert!(e.message.contains("open(") && e.message.contains("/nonexistent-pinlab/x"), "{e}");
+        assert!(e.message.starts_with("open(/nonexistent-pinlab/x, O_CREAT"), "{e}");
     }
 
     #[test]

@@ -77,11 +77,7 @@ const TABLE: &[(&str, i32)] = &[
 
 /// The canonical name of errno `n`, or `E<n>` when pinlab does not know it.
 pub fn name(n: i32) -> String {
-    TABLE
-        .iter()
-        .find(|(_, v)| *v == n)
-        .map(|(s, _)| s.to_string())
-        .unwrap_or_else(|| format!("E{n}"))
+    TABLE.iter().find(|(_, v)| *v == n).map(|(s, _)| s.to_string()).unwrap_or_else(|| format!("E{n}"))
 }
 
 /// The number of a known errno name (aliases included).

@@ -142,13 +142,8 @@ impl Size {
             Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
             _ => (t, 1),
         };
-        let n: u64 = num
-            .trim()
-            .parse()
-            .map_err(|_| format!("'{s}' is not a size (examples: 4096, 64K, 2M, 1G)"))?;
-        let bytes = n
-            .checked_mul(mul)
-            .ok_or_else(|| format!("size '{s}' is too large"))?;
+        let n: u64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size (examples: 4096, 64K, 2M, 1G)"))?;
+        let bytes = n.checked_mul(mul).ok_or_else(|| format!("size '{s}' is too large"))?;
         if bytes == 0 || bytes % 4096 != 0 {
             return Err(format!("size '{s}' must be a non-zero multiple of 4096"));
         }
@@ -204,17 +199,10 @@ mod tests {
                 steps: vec![
                     PlannedStep {
                         name: "map".into(),
-                        action: Action::Map {
-                            target: Target::File,
-                            size: Size(4096),
-                        },
+                        action: Action::Map { target: Target::File, size: Size(4096) },
                         probe: false,
                     },
-                    PlannedStep {
-                        name: "reg".into(),
-                        action: Action::RegMr,
-                        probe: true,
-                    },
+                    PlannedStep { name: "reg".into(), action: Action::RegMr, probe: true },
                 ],
             }],
         };

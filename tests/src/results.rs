@@ -85,11 +85,7 @@ impl CellResult {
     /// The first disagreeing step, or else the step that decided the outcome
     /// (the last one that ran), as `expected → actual` text for tables.
     pub fn headline(&self) -> String {
-        let s = self
-            .steps
-            .iter()
-            .find(|s| !s.pass)
-            .or_else(|| self.steps.iter().rev().find(|s| s.actual != NOT_RUN));
+        let s = self.steps.iter().find(|s| !s.pass).or_else(|| self.steps.iter().rev().find(|s| s.actual != NOT_RUN));
         match s {
             Some(s) if s.pass => format!("{}: {}", s.name, s.actual),
             Some(s) => format!("{}: expected {}, got {}", s.name, s.expected, s.actual),
@@ -130,14 +126,7 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
             Some(r) => (r.outcome.clone(), r.detail.clone(), r.ms),
             None => ("missing".to_string(), "the guest reported no result for this step".to_string(), 0.0),
         };
-        steps.push(StepCheck {
-            name: step.name.clone(),
-            pass: actual == exp,
-            expected: exp,
-            actual,
-            detail,
-            ms,
-        });
+        steps.push(StepCheck { name: step.name.clone(), pass: actual == exp, expected: exp, actual, detail, ms });
     }
     CellResult {
         scenario: spec.id.clone(),

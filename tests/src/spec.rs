@@ -92,13 +92,9 @@ impl<'de> Deserialize<'de> for ExpectKey {
             Some((a, b)) => (a, Some(b)),
             None => (s.as_str(), None),
         };
-        let flavor = fl
-            .parse::<Flavor>()
-            .map_err(|e| de::Error::custom(format!("expect key '{s}': {e}")))?;
-        let fs = fs
-            .map(|f| f.parse::<Fs>())
-            .transpose()
-            .map_err(|e| de::Error::custom(format!("expect key '{s}': {e}")))?;
+        let flavor = fl.parse::<Flavor>().map_err(|e| de::Error::custom(format!("expect key '{s}': {e}")))?;
+        let fs =
+            fs.map(|f| f.parse::<Fs>()).transpose().map_err(|e| de::Error::custom(format!("expect key '{s}': {e}")))?;
         Ok(ExpectKey { flavor: Some(flavor), fs })
     }
 }
@@ -203,10 +199,7 @@ pub type CellExpectation = Vec<Option<Outcome>>;
 impl Scenario {
     /// Expected outcome of each step for `flavor` on `fs`.
     pub fn expected(&self, flavor: Flavor, fs: Fs) -> CellExpectation {
-        self.steps
-            .iter()
-            .map(|s| s.expect.value.for_cell(flavor, fs).cloned())
-            .collect()
+        self.steps.iter().map(|s| s.expect.value.for_cell(flavor, fs).cloned()).collect()
     }
 
     /// Whether this scenario runs on a boot with filesystem `fs`.
@@ -222,11 +215,7 @@ impl Scenario {
             steps: self
                 .steps
                 .iter()
-                .map(|s| PlannedStep {
-                    name: s.name.clone(),
-                    action: s.action.clone(),
-                    probe: s.probe,
-                })
+                .map(|s| PlannedStep { name: s.name.clone(), action: s.action.clone(), probe: s.probe })
                 .collect(),
         }
     }
@@ -256,12 +245,21 @@ impl Scenario {
                             "{file}:{}:{}: step {} ('{}') expects {o} on {flavor}/{fs}, but step {} ('{}') \
                              already stops the scenario there (it is not a probe and expects an error); \
                              drop the expectation or mark step {} `probe: true`",
-                            at.line(), at.column(), i + 1, step.name, k + 1, self.steps[k].name, k + 1
+                            at.line(),
+                            at.column(),
+                            i + 1,
+                            step.name,
+                            k + 1,
+                            self.steps[k].name,
+                            k + 1
                         ),
                         (None, None) => bail!(
                             "{file}:{}:{}: step {} ('{}') has no expectation for {flavor}/{fs} \
                              (add a '{flavor}' or '*' key)",
-                            at.line(), at.column(), i + 1, step.name
+                            at.line(),
+                            at.column(),
+                            i + 1,
+                            step.name
                         ),
                         (None, Some(Outcome::Errno(_))) if !step.probe => stopped = Some(i),
                         _ => {}
@@ -280,10 +278,7 @@ fn is_scenario_id(s: &str) -> bool {
 /// Parse one spec from text; `path` names it in errors.
 pub fn parse(text: &str, path: &Path) -> Result<Scenario> {
     let mut sc: Scenario = serde_saphyr::from_str(text).map_err(|e| {
-        let loc = e
-            .location()
-            .map(|l| format!(":{}:{}", l.line(), l.column()))
-            .unwrap_or_default();
+        let loc = e.location().map(|l| format!(":{}:{}", l.line(), l.column())).unwrap_or_default();
         anyhow::anyhow!("{}{loc}: malformed scenario spec: {}", path.display(), e.without_snippet())
     })?;
     sc.path = path.to_path_buf();

@@ -31,8 +31,16 @@ impl Apt {
     /// Lay out the private apt tree under the cache (idempotent).
     pub fn new(cache: &Cache) -> Result<Apt> {
         let root = cache.dir("apt")?;
-        for d in ["etc/apt.conf.d", "etc/preferences.d", "etc/trusted.gpg.d", "etc/sources.list.d", "state/lists/partial", "cache/archives/partial"] {
-            std::fs::create_dir_all(root.join(d)).with_context(|| format!("Failed to create {}", root.join(d).display()))?;
+        for d in [
+            "etc/apt.conf.d",
+            "etc/preferences.d",
+            "etc/trusted.gpg.d",
+            "etc/sources.list.d",
+            "state/lists/partial",
+            "cache/archives/partial",
+        ] {
+            std::fs::create_dir_all(root.join(d))
+                .with_context(|| format!("Failed to create {}", root.join(d).display()))?;
         }
         let keyring = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg");
         if !keyring.exists() {
@@ -102,8 +110,9 @@ impl Apt {
                 format!("Failed to download {name}={version} (first try: {e:#}). If Debian no longer serves this version, update the pin.")
             })?;
         }
-        self.cached(name, version)?
-            .with_context(|| format!("apt-get download {name}={version} succeeded but no .deb appeared in {}", self.debs.display()))
+        self.cached(name, version)?.with_context(|| {
+            format!("apt-get download {name}={version} succeeded but no .deb appeared in {}", self.debs.display())
+        })
     }
 
     /// The .debs for all of `pkgs`, downloading the missing ones in one apt-get call.

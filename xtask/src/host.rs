@@ -50,7 +50,12 @@ pub fn requirements() -> Vec<Req> {
     use Check::*;
     use Need::*;
     vec![
-        Req { what: "qemu-system-x86_64", package: "qemu-system-x86", check: Program("qemu-system-x86_64"), needed_for: Boot },
+        Req {
+            what: "qemu-system-x86_64",
+            package: "qemu-system-x86",
+            check: Program("qemu-system-x86_64"),
+            needed_for: Boot,
+        },
         Req { what: "make", package: "make", check: Program("make"), needed_for: Kernel },
         Req { what: "gcc", package: "gcc", check: Program("gcc"), needed_for: Kernel },
         Req { what: "flex", package: "flex", check: Program("flex"), needed_for: Kernel },
@@ -134,10 +139,7 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
     let is_root = nix_is_root();
     if no_install || !is_root || util::which("apt-get").is_none() {
         let names: Vec<_> = missing.iter().map(|r| format!("{} ({})", r.what, r.package)).collect();
-        bail!(
-            "missing host tools: {}\nInstall them with:\n    sudo apt-get update && sudo {cmd}",
-            names.join(", ")
-        );
+        bail!("missing host tools: {}\nInstall them with:\n    sudo apt-get update && sudo {cmd}", names.join(", "));
     }
     eprintln!("pinlab: installing missing host packages: {}", pkgs.join(" "));
     let mut update = Command::new("apt-get");
@@ -149,11 +151,8 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
         .args(&pkgs)
         .env("DEBIAN_FRONTEND", "noninteractive");
     util::run_shown(install).with_context(|| format!("Failed to install host packages; try `{cmd}` by hand"))?;
-    let still: Vec<_> = requirements()
-        .into_iter()
-        .filter(|r| needs.contains(&r.needed_for) && !r.present())
-        .map(|r| r.what)
-        .collect();
+    let still: Vec<_> =
+        requirements().into_iter().filter(|r| needs.contains(&r.needed_for) && !r.present()).map(|r| r.what).collect();
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(", "));
     }
@@ -233,9 +232,13 @@ pub fn doctor(cache: &Cache) -> Result<()> {
     }
     match find_virtiofsd(cache) {
         Some(p) => println!("ok      virtiofsd  [{}]", p.display()),
-        None => println!("MISSING virtiofsd  [`cargo xtask run` builds it with cargo install into {}]", cache.root.display()),
+        None => println!(
+            "MISSING virtiofsd  [`cargo xtask run` builds it with cargo install into {}]",
+            cache.root.display()
+        ),
     }
-    let free = free_bytes(&cache.root.parent().unwrap_or(Path::new("/")).to_path_buf());
+    let existing = cache.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let free = free_bytes(existing);
     match free {
         Some(b) => {
             let gib = b as f64 / (1u64 << 30) as f64;
@@ -249,7 +252,10 @@ pub fn doctor(cache: &Cache) -> Result<()> {
     if !missing.is_empty() {
         missing.sort();
         missing.dedup();
-        println!("\nTo install what is missing:\n    sudo apt-get install -y --no-install-recommends {}", missing.join(" "));
+        println!(
+            "\nTo install what is missing:\n    sudo apt-get install -y --no-install-recommends {}",
+            missing.join(" ")
+        );
         println!("(`cargo xtask run demo` does this itself when run as root.)");
     }
     Ok(())

@@ -83,7 +83,12 @@ pub fn parse_fragments(frags: &[(String, String)]) -> Result<BTreeMap<String, Wa
                     if prev.value != want.value {
                         bail!(
                             "conflicting fragments: {}:{} sets {name}={} but {}:{} sets {name}={}",
-                            prev.file, prev.line, prev.value, want.file, want.line, want.value
+                            prev.file,
+                            prev.line,
+                            prev.value,
+                            want.file,
+                            want.line,
+                            want.value
                         );
                     }
                 }
@@ -147,7 +152,8 @@ pub fn read_series() -> Result<Vec<(String, Vec<u8>)>> {
             continue;
         }
         let p = dir.join(l);
-        let bytes = std::fs::read(&p).with_context(|| format!("kernel-patches/series:{}: cannot read {}", i + 1, p.display()))?;
+        let bytes = std::fs::read(&p)
+            .with_context(|| format!("kernel-patches/series:{}: cannot read {}", i + 1, p.display()))?;
         out.push((l.to_string(), bytes));
     }
     Ok(out)
@@ -288,7 +294,11 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
                 bail!("--kernel-tree {} does not look like a Linux source tree", p.display());
             }
             // A user's tree may change under us: the key covers its path, make does the rest.
-            let id = format!("tree:{}:{}", p.display(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs());
+            let id = format!(
+                "tree:{}:{}",
+                p.display(),
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
+            );
             let name = format!("tree-{}", KeyHasher::default().part("p", p.display().to_string().as_bytes()).finish());
             (p, id, name)
         }
@@ -325,7 +335,13 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
     let pb = ui::spinner(format!("kernel {flavor}: configuring (tinyconfig + {} fragments)", fragments.len()));
     util::run_logged(make(&["tinyconfig"]), &log, |_| {}).context("Failed to make tinyconfig")?;
     let mut merge = Command::new(srctree.join("scripts/kconfig/merge_config.sh"));
-    merge.current_dir(&srctree).env("ARCH", "x86_64").arg("-m").arg("-O").arg(&build_dir).arg(build_dir.join(".config"));
+    merge
+        .current_dir(&srctree)
+        .env("ARCH", "x86_64")
+        .arg("-m")
+        .arg("-O")
+        .arg(&build_dir)
+        .arg(build_dir.join(".config"));
     for (f, _) in &fragments {
         merge.arg(util::project_root().join(f));
     }
@@ -350,7 +366,8 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
 
     // Build with a progress bar: compiled objects vs the count the last full build saw.
     let count_file = build_dir.join(".pinlab-objects");
-    let expected = std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(DEFAULT_OBJECTS);
+    let expected =
+        std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(DEFAULT_OBJECTS);
     let pb = ui::bar(expected, format!("kernel {flavor}: compiling"));
     let mut n = 0u64;
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
@@ -438,7 +455,16 @@ mod tests {
     #[test]
     fn shipped_fragments_parse() {
         let w = parse_fragments(&read_fragments().unwrap()).unwrap();
-        for must in ["CONFIG_ZONE_DEVICE", "CONFIG_FS_DAX", "CONFIG_RDMA_RXE", "CONFIG_VIRTIO_FS", "CONFIG_ACPI_NFIT", "CONFIG_XFS_FS", "CONFIG_EXT4_FS", "CONFIG_DEV_DAX_PMEM"] {
+        for must in [
+            "CONFIG_ZONE_DEVICE",
+            "CONFIG_FS_DAX",
+            "CONFIG_RDMA_RXE",
+            "CONFIG_VIRTIO_FS",
+            "CONFIG_ACPI_NFIT",
+            "CONFIG_XFS_FS",
+            "CONFIG_EXT4_FS",
+            "CONFIG_DEV_DAX_PMEM",
+        ] {
             assert_eq!(w.get(must).map(|x| x.value.as_str()), Some("y"), "{must}");
         }
     }

@@ -32,9 +32,9 @@ impl Verdict {
     pub fn describe(&self) -> String {
         match self {
             Verdict::Works => "KVM: works".into(),
-            Verdict::Broken(why) => format!(
-                "KVM: /dev/kvm present but a vCPU did not run (nested virtualization?) → using TCG [{why}]"
-            ),
+            Verdict::Broken(why) => {
+                format!("KVM: /dev/kvm present but a vCPU did not run (nested virtualization?) → using TCG [{why}]")
+            }
             Verdict::Absent => "KVM: absent → using TCG".into(),
         }
     }
@@ -97,9 +97,9 @@ fn run_child(deadline: Duration) -> ChildEnd {
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
-                let out = child.wait_with_output().map(|o| {
-                    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
-                });
+                let out = child
+                    .wait_with_output()
+                    .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)));
                 return match status.code() {
                     Some(c) => ChildEnd::Exited(c, out.unwrap_or_default()),
                     None => ChildEnd::Signalled,
@@ -180,7 +180,10 @@ mod tests {
         assert!(matches!(classify(true, &ChildEnd::Exited(0, "PINLAB-KVM-OK 7".into())), Verdict::Broken(_)));
         assert!(matches!(classify(true, &ChildEnd::Signalled), Verdict::Broken(_)));
         let d = classify(true, &ChildEnd::TimedOut(Duration::from_secs(2))).describe();
-        assert!(d.starts_with("KVM: /dev/kvm present but a vCPU did not run (nested virtualization?) → using TCG"), "{d}");
+        assert!(
+            d.starts_with("KVM: /dev/kvm present but a vCPU did not run (nested virtualization?) → using TCG"),
+            "{d}"
+        );
         assert!(!Verdict::Absent.usable());
         assert!(Verdict::Works.usable());
     }

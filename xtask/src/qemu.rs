@@ -188,7 +188,10 @@ mod tests {
         assert!(a.contains("-object memory-backend-memfd,id=mem,size=1024M,share=on -numa node,memdev=mem"), "{a}");
         assert!(a.contains("memory-backend-file,id=nv0,share=on,mem-path=/t/pmem0.img,size=1024M -device nvdimm,id=nvdimm0,memdev=nv0"), "{a}");
         assert!(a.contains("mem-path=/t/pmem1.img,size=512M"), "{a}");
-        assert!(a.contains("-chardev socket,id=vfs0,path=/t/rootfs.sock -device vhost-user-fs-pci,chardev=vfs0,tag=rootfs"), "{a}");
+        assert!(
+            a.contains("-chardev socket,id=vfs0,path=/t/rootfs.sock -device vhost-user-fs-pci,chardev=vfs0,tag=rootfs"),
+            "{a}"
+        );
         assert!(a.contains("tag=pinlab"), "{a}");
         assert!(a.contains("-no-reboot"), "{a}");
         assert!(a.ends_with("pinlab.mode=run"), "{a}");

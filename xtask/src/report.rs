@@ -59,7 +59,11 @@ fn cell_fs(spec: &Scenario, fs: Fs) -> String {
 /// The terminal table: one row per scenario × flavor × filesystem.
 pub fn table(specs: &[Scenario], r: &RunResults) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{:<4} {:<8} {:<5} {:<12} {:<12} {:<2} what it shows", "id", "kernel", "fs", "expected", "actual", "");
+    let _ = writeln!(
+        s,
+        "{:<4} {:<8} {:<5} {:<12} {:<12} {:<2} what it shows",
+        "id", "kernel", "fs", "expected", "actual", ""
+    );
     for spec in specs {
         for c in r.results.iter().filter(|c| c.scenario == spec.id) {
             let mark = if c.pass { "✓" } else { "✗" };
@@ -151,7 +155,14 @@ pub fn markdown(specs: &[Scenario], r: &RunResults) -> String {
             let _ = writeln!(s, "*From the discussion:* {}\n", spec.reference.trim());
         }
         for c in r.results.iter().filter(|c| c.scenario == spec.id) {
-            let _ = writeln!(s, "**{} / {}** — {} ({:.0} ms)\n", c.flavor, cell_fs(spec, c.fs), if c.pass { "as expected" } else { "NOT as expected" }, c.ms);
+            let _ = writeln!(
+                s,
+                "**{} / {}** — {} ({:.0} ms)\n",
+                c.flavor,
+                cell_fs(spec, c.fs),
+                if c.pass { "as expected" } else { "NOT as expected" },
+                c.ms
+            );
             let _ = writeln!(s, "| step | expected | actual | detail |\n|---|---|---|---|");
             for st in &c.steps {
                 let actual = if st.actual == NOT_RUN { "—".to_string() } else { st.actual.clone() };

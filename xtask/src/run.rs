@@ -71,7 +71,13 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
     let latest = runs.join("latest");
     let _ = std::fs::remove_file(&latest);
     std::os::unix::fs::symlink(&run_id, &latest).with_context(|| format!("Failed to link {}", latest.display()))?;
-    eprintln!("run {run_id}: {} flavor(s) × {} filesystem(s), {} scenario(s), accel {}", flavors.len(), fss.len(), specs.len(), accel.name());
+    eprintln!(
+        "run {run_id}: {} flavor(s) × {} filesystem(s), {} scenario(s), accel {}",
+        flavors.len(),
+        fss.len(),
+        specs.len(),
+        accel.name()
+    );
 
     let mut cells: Vec<CellResult> = Vec::new();
     let mut boots = Vec::new();
@@ -85,7 +91,12 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
             let dir = run_dir.join(format!("{}-{}", k.flavor, fs));
             std::fs::create_dir_all(&dir)?;
             let label = format!("boot {}/{}", k.flavor, fs);
-            eprintln!("{label}: booting {} under {} ({} scenarios)", k.bzimage.display(), accel.name(), plan.scenarios.len());
+            eprintln!(
+                "{label}: booting {} under {} ({} scenarios)",
+                k.bzimage.display(),
+                accel.name(),
+                plan.scenarios.len()
+            );
             let pb = ui::spinner(format!("{label}: booting"));
             let mut on_line = |line: &str| {
                 if let Some(rest) = line.split(crate::console::MARK_SCENARIO).nth(1) {
@@ -131,7 +142,11 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
                 wall_s: outcome.wall.as_secs_f64(),
                 to_runner_s: outcome.to_runner.map(|d| d.as_secs_f64()),
                 console: rel(&outcome.console),
-                splats: outcome.splats.iter().map(|s| format!("{} at console.log:{}: {}", s.kind, s.line, s.text)).collect(),
+                splats: outcome
+                    .splats
+                    .iter()
+                    .map(|s| format!("{} at console.log:{}: {}", s.kind, s.line, s.text))
+                    .collect(),
                 failure: outcome.failure.clone(),
                 setup: outcome
                     .results

@@ -20,10 +20,7 @@ pub fn run(cache: &Cache, unit_only: bool, accel: Option<Accel>) -> Result<bool>
     if unit_only {
         return Ok(true);
     }
-    let ok = crate::run::run(
-        cache,
-        crate::run::RunOpts { demo: true, accel, ..Default::default() },
-    )?;
+    let ok = crate::run::run(cache, crate::run::RunOpts { demo: true, accel, ..Default::default() })?;
     let latest = util::target_dir().join("runs/latest/results.json");
     let text = std::fs::read_to_string(&latest).with_context(|| format!("Failed to read {}", latest.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)?;

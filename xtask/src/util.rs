@@ -89,9 +89,9 @@ pub fn run_logged(mut cmd: Command, log: &Path, mut on_line: impl FnMut(&str)) -
         .with_context(|| format!("Failed to open log {}", log.display()))?;
     writeln!(logf, "$ {shown}")?;
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("Failed to start `{shown}` (is {} installed?)", cmd.get_program().to_string_lossy()))?;
+    let mut child = cmd.spawn().with_context(|| {
+        format!("Failed to start `{shown}` (is {} installed?)", cmd.get_program().to_string_lossy())
+    })?;
     let (tx, rx) = mpsc::channel::<String>();
     let mut readers = Vec::new();
     let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().context("no stdout pipe")?);
@@ -122,11 +122,7 @@ pub fn run_logged(mut cmd: Command, log: &Path, mut on_line: impl FnMut(&str)) -
     let status = child.wait().with_context(|| format!("Failed to wait for `{shown}`"))?;
     if !status.success() {
         let tail: Vec<_> = tail.into_iter().collect();
-        bail!(
-            "`{shown}` failed ({status})\nfull log: {}\nlast lines:\n{}",
-            log.display(),
-            tail.join("\n")
-        );
+        bail!("`{shown}` failed ({status})\nfull log: {}\nlast lines:\n{}", log.display(), tail.join("\n"));
     }
     Ok(())
 }
@@ -134,10 +130,7 @@ pub fn run_logged(mut cmd: Command, log: &Path, mut on_line: impl FnMut(&str)) -
 /// Run a short command, capturing stdout; on failure say what ran and what it printed.
 pub fn output(mut cmd: Command) -> Result<String> {
     let shown = show(&cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("Failed to start `{shown}`"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("Failed to start `{shown}`"))?;
     if !out.status.success() {
         bail!(
             "`{shown}` failed ({})\n{}{}",

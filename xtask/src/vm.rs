@@ -121,7 +121,7 @@ pub struct BootOutcome {
 }
 
 /// Kills and reaps a child when dropped.
-struct Reaper(Option<Child>, &'static str);
+struct Reaper(Option<Child>);
 
 impl Reaper {
     fn child(&mut self) -> &mut Child {
@@ -157,7 +157,7 @@ fn spawn_virtiofsd(bin: &Path, sock: &Path, dir: &Path, readonly: bool, log: &Pa
     c.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     let shown = util::show(&c);
     let child = c.spawn().with_context(|| format!("Failed to start `{shown}`"))?;
-    let mut r = Reaper(Some(child), "virtiofsd");
+    let mut r = Reaper(Some(child));
     // Deadline: the socket must appear within 10 s.
     let t = Instant::now();
     while !sock.exists() {
@@ -187,7 +187,8 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
     std::fs::File::create(&devdax)?.set_len(qemu::DEVDAX_MIB << 20)?;
     let rootfs_sock = tmp.path().join("rootfs.sock");
     let share_sock = tmp.path().join("share.sock");
-    let _vfs_root = spawn_virtiofsd(&virtiofsd, &rootfs_sock, spec.rootfs, true, &spec.dir.join("virtiofsd-rootfs.log"))?;
+    let _vfs_root =
+        spawn_virtiofsd(&virtiofsd, &rootfs_sock, spec.rootfs, true, &spec.dir.join("virtiofsd-rootfs.log"))?;
     let _vfs_share = spawn_virtiofsd(&virtiofsd, &share_sock, &share, false, &spec.dir.join("virtiofsd-share.log"))?;
 
     let qspec = QemuSpec {
@@ -207,7 +208,7 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
     let qemu_log = spec.dir.join("qemu.log");
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&qemu_log)?);
     let t0 = Instant::now();
-    let mut qemu = Reaper(Some(cmd.spawn().with_context(|| format!("Failed to start `{shown}`"))?), "qemu");
+    let mut qemu = Reaper(Some(cmd.spawn().with_context(|| format!("Failed to start `{shown}`"))?));
     let stdout = qemu.child().stdout.take().context("no QEMU stdout")?;
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -308,7 +309,7 @@ mod tests {
     fn reaper_kills_on_drop() {
         let child = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id() as i32;
-        drop(Reaper(Some(child), "sleep"));
+        drop(Reaper(Some(child)));
         // The process is gone (reaped): kill(pid, 0) fails.
         // SAFETY: kill with signal 0 only checks for existence.
         assert_ne!(unsafe { libc::kill(pid, 0) }, 0);

@@ -34,10 +34,8 @@ fn uptime_ms() -> u64 {
 /// Run a tool, returning its stdout; failure names the command, exit code and stderr.
 fn tool(prog: &str, args: &[&str]) -> Result<String, StepError> {
     let shown = format!("{prog} {}", args.join(" "));
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .map_err(|e| StepError::other(format!("cannot run `{shown}`: {e}")))?;
+    let out =
+        Command::new(prog).args(args).output().map_err(|e| StepError::other(format!("cannot run `{shown}`: {e}")))?;
     if !out.status.success() {
         return Err(StepError::other(format!(
             "`{shown}` failed ({}): {}",
@@ -72,7 +70,9 @@ fn create_namespace(ns: &str, mode: &str, key: &str) -> Result<String, StepError
         serde_json::from_str(&out).map_err(|e| StepError::other(format!("ndctl printed no JSON ({e}): {out}")))?;
     let dev = v
         .get(key)
-        .or_else(|| v.get("daxregion").and_then(|d| d.get("devices")).and_then(|d| d.get(0)).and_then(|d| d.get("chardev")))
+        .or_else(|| {
+            v.get("daxregion").and_then(|d| d.get("devices")).and_then(|d| d.get(0)).and_then(|d| d.get("chardev"))
+        })
         .and_then(|d| d.as_str())
         .ok_or_else(|| StepError::other(format!("ndctl output has no {key}: {out}")))?;
     Ok(format!("/dev/{dev}"))
@@ -342,7 +342,10 @@ fn main() {
         std::process::exit(2);
     }
     let setup_only = args.iter().any(|a| a == "--setup-only");
-    let plan: Plan = match std::fs::read(&args[1]).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+    let plan: Plan = match std::fs::read(&args[1])
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
         Ok(p) => p,
         Err(e) => {
             println!("pinlab-runner: cannot read plan {}: {e}", args[1]);

@@ -234,6 +234,7 @@ impl Holder<'_> {
                 if served.is_err() {
                     let _ = client.kill();
                 }
+                let pid = client.id();
                 let out = client.wait_with_output().map_err(|e| StepError::other(format!("wait rdma-client: {e}")))?;
                 served?;
                 if !out.status.success() {
@@ -245,8 +246,7 @@ impl Holder<'_> {
                 }
                 self.written = true;
                 Ok(format!(
-                    "client (pid {}) wrote {} bytes over an RC QP: {}",
-                    "child",
+                    "rdma-client (pid {pid}) wrote {} bytes over an RC QP: {}",
                     mr.len(),
                     String::from_utf8_lossy(&out.stdout).trim()
                 ))

@@ -3,6 +3,7 @@
 
 pub mod rdma;
 pub mod region;
+pub mod worker;
 
 use std::fmt;
 

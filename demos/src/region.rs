@@ -40,6 +40,8 @@ pub struct Region {
     kind: RegionKind,
     file: Option<File>,
     path: Option<PathBuf>,
+    /// Further files mapped right after the first (see [`Region::files`]).
+    extra: Vec<File>,
 }
 
 // SAFETY: a Region exclusively owns its mapping (nothing else unmaps it) and
@@ -73,7 +75,7 @@ impl Region {
         // SAFETY: ptr..ptr+len is the writable mapping just created, owned
         // by nobody else yet.
         unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
-        Ok(Region { ptr, len, kind: RegionKind::Anon, file: None, path: None })
+        Ok(Region { ptr, len, kind: RegionKind::Anon, file: None, path: None, extra: Vec::new() })
     }
 
     /// Create a fresh file at `path` (`O_CREAT|O_TRUNC|O_RDWR`, mode 0644),
@@ -98,7 +100,68 @@ impl Region {
             return Err(StepError::last_os(format!("fallocate({}, mode=0, 0, len={len})", path.display())));
         }
         let ptr = map(len, libc::MAP_SHARED, file.as_raw_fd(), &format!("{}, MAP_SHARED", path.display()))?;
-        Ok(Region { ptr, len, kind: RegionKind::File, file: Some(file), path: Some(path.to_path_buf()) })
+        Ok(Region {
+            ptr,
+            len,
+            kind: RegionKind::File,
+            file: Some(file),
+            path: Some(path.to_path_buf()),
+            extra: Vec::new(),
+        })
+    }
+
+    /// Several fresh files, `each` bytes apiece, mapped back to back in one
+    /// contiguous range (first file at the lowest address), so that a single
+    /// MR can span more than one file. The first file is the region's
+    /// [`Region::backing_file`]; the others stay open with the region.
+    pub fn files(paths: &[PathBuf], each: usize) -> Result<Region, StepError> {
+        let Some(first) = paths.first() else {
+            return Err(StepError::other("Region::files needs at least one path"));
+        };
+        let total = each
+            .checked_mul(paths.len())
+            .ok_or_else(|| StepError::errno(libc::EFBIG, format!("{} files of {each} bytes", paths.len())))?;
+        // Reserve the whole range, then replace it piece by piece with MAP_FIXED.
+        let base = map(total, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, "reservation")?;
+        let mut region = Region {
+            ptr: base,
+            len: total,
+            kind: RegionKind::File,
+            file: None,
+            path: Some(first.clone()),
+            extra: Vec::new(),
+        };
+        for (i, p) in paths.iter().enumerate() {
+            let single = Region::file(p, each)?;
+            // Move the file's mapping into its slot: map the fd again there.
+            let fd = single.file.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
+            // SAFETY: base+i*each..+each lies inside our own reservation (no
+            // Rust object lives there); MAP_FIXED replaces that part of it.
+            let at = unsafe { base.as_ptr().add(i * each) };
+            // SAFETY: as above; the result is checked for MAP_FAILED.
+            let r = unsafe {
+                libc::mmap(
+                    at.cast(),
+                    each,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd,
+                    0,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                return Err(StepError::last_os(format!("mmap({}, len={each}, MAP_SHARED|MAP_FIXED)", p.display())));
+            }
+            let mut single = single;
+            let file = single.take_file();
+            drop(single);
+            match (i, file) {
+                (0, f) => region.file = f,
+                (_, Some(f)) => region.extra.push(f),
+                (_, None) => {}
+            }
+        }
+        Ok(region)
     }
 
     /// Open a device-DAX character device (e.g. `/dev/dax1.0`) `O_RDWR` and
@@ -130,8 +193,14 @@ impl Region {
         if !(ptr.as_ptr() as usize).is_multiple_of(align) {
             // The kernel refuses misaligned device-DAX VMAs itself; this only
             // makes a surprising layout visible.
-            let region =
-                Region { ptr, len, kind: RegionKind::Devdax, file: Some(file), path: Some(path.to_path_buf()) };
+            let region = Region {
+                ptr,
+                len,
+                kind: RegionKind::Devdax,
+                file: Some(file),
+                path: Some(path.to_path_buf()),
+                extra: Vec::new(),
+            };
             let addr = region.ptr.as_ptr();
             drop(region);
             return Err(StepError::other(format!(
@@ -139,7 +208,14 @@ impl Region {
                 path.display()
             )));
         }
-        Ok(Region { ptr, len, kind: RegionKind::Devdax, file: Some(file), path: Some(path.to_path_buf()) })
+        Ok(Region {
+            ptr,
+            len,
+            kind: RegionKind::Devdax,
+            file: Some(file),
+            path: Some(path.to_path_buf()),
+            extra: Vec::new(),
+        })
     }
 
     /// The start of the mapping.
@@ -198,6 +274,14 @@ impl Region {
     /// return `None`; [`Region::is_dax`] then uses the path.
     pub fn take_file(&mut self) -> Option<File> {
         self.file.take()
+    }
+
+    /// Take every file of the region (the first one, then those of
+    /// [`Region::files`]); the mapping stays.
+    pub fn take_files(&mut self) -> Vec<File> {
+        let mut v: Vec<File> = self.file.take().into_iter().collect();
+        v.append(&mut self.extra);
+        v
     }
 
     /// For file regions: whether the file is DAX (`statx` `STATX_ATTR_DAX`,

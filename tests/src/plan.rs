@@ -37,10 +37,123 @@ pub struct PlannedStep {
     pub name: String,
     /// What the runner does.
     pub action: Action,
+    /// Which process does it.
+    #[serde(default)]
+    pub by: Proc,
     /// A probe observes an outcome (often an error) and the scenario goes on
     /// whatever it is; any other step that fails ends the scenario ("stops at").
     #[serde(default)]
     pub probe: bool,
+}
+
+/// The processes of a scenario. Each is a real process in the guest; they
+/// are coordinated over a control socket and pidfds, never by sleeping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proc {
+    /// The RDMA server: maps, leases, registers. Started for every scenario.
+    #[default]
+    Holder,
+    /// The holder's child after a `fork` step.
+    Child,
+    /// A separate process that receives the uverbs fd by SCM_RIGHTS.
+    Receiver,
+    /// Someone else: the runner itself (truncates, writes, reads /proc, kills).
+    Other,
+}
+
+impl Proc {
+    /// The name used in specs and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proc::Holder => "holder",
+            Proc::Child => "child",
+            Proc::Receiver => "receiver",
+            Proc::Other => "other",
+        }
+    }
+}
+
+/// A lease type for `F_SETLEASE` / `F_GETLEASE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseKind {
+    /// `F_LAYOUT` (16): a breakable layout lease (the series' uapi).
+    Layout,
+    /// `F_LAYOUT | F_EXCLUSIVE` (48): an unbreakable layout lease.
+    LayoutExclusive,
+    /// `F_RDLCK`.
+    Read,
+    /// `F_WRLCK`.
+    Write,
+    /// `F_UNLCK`: release (for `check_lease`: no lease).
+    Unlock,
+}
+
+impl LeaseKind {
+    /// The fcntl argument.
+    pub fn arg(self) -> i32 {
+        match self {
+            LeaseKind::Layout => F_LAYOUT,
+            LeaseKind::LayoutExclusive => F_LAYOUT | F_EXCLUSIVE,
+            LeaseKind::Read => 0,
+            LeaseKind::Write => 1,
+            LeaseKind::Unlock => 2,
+        }
+    }
+
+    /// The spelling in C.
+    pub fn c_name(self) -> &'static str {
+        match self {
+            LeaseKind::Layout => "F_LAYOUT",
+            LeaseKind::LayoutExclusive => "F_LAYOUT|F_EXCLUSIVE",
+            LeaseKind::Read => "F_RDLCK",
+            LeaseKind::Write => "F_WRLCK",
+            LeaseKind::Unlock => "F_UNLCK",
+        }
+    }
+}
+
+/// The series' uapi value for a layout lease (`include/uapi/asm-generic/fcntl.h`).
+pub const F_LAYOUT: i32 = 16;
+/// The series' uapi flag making a layout lease exclusive (unbreakable).
+pub const F_EXCLUSIVE: i32 = 32;
+
+/// `fallocate(2)` modes the scenarios use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallocMode {
+    /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`.
+    PunchHole,
+    /// `FALLOC_FL_COLLAPSE_RANGE`.
+    CollapseRange,
+    /// `FALLOC_FL_INSERT_RANGE`.
+    InsertRange,
+    /// `FALLOC_FL_ZERO_RANGE`.
+    ZeroRange,
+}
+
+impl FallocMode {
+    /// The mode bits.
+    pub fn bits(self) -> i32 {
+        match self {
+            FallocMode::PunchHole => 0x02 | 0x01,
+            FallocMode::CollapseRange => 0x08,
+            FallocMode::InsertRange => 0x20,
+            FallocMode::ZeroRange => 0x10,
+        }
+    }
+}
+
+/// How a truncation reaches the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TruncVia {
+    /// `truncate(path, size)`.
+    #[default]
+    Path,
+    /// `ftruncate(fd, size)` on the process's own descriptor (opened if it has none).
+    Fd,
 }
 
 /// The things a runner can do. Each records `ok` or the errno it got.
@@ -56,17 +169,101 @@ pub enum Action {
         /// Length in bytes; `2M`, `1G` and plain numbers are accepted. Default 2 MiB.
         #[serde(default)]
         size: Size,
+        /// For `file`: map this many fresh files, `size` each, back to back in
+        /// one contiguous range (one MR can then span several files). Default 1.
+        #[serde(default = "one")]
+        files: u32,
     },
-    /// `ibv_reg_mr` on the whole mapped region (local write, remote write).
+    /// `ibv_reg_mr` on the whole of the last mapped region (local write, remote write).
     RegMr,
+    /// `ibv_reg_mr` on part of the last mapped region.
+    RegMrRange {
+        /// Offset into the region.
+        offset: Bytes,
+        /// Length.
+        len: Size,
+    },
     /// A separate client process connects over rxe with an RC queue pair and
     /// RDMA-WRITEs a known pattern into the whole registered region.
     RdmaWrite,
     /// The runner compares the region's bytes with the pattern the client
     /// wrote: `ok` or `mismatch` with the first differing offset.
     Verify,
-    /// `ibv_dereg_mr`.
+    /// `ibv_dereg_mr` of every MR the process holds.
     DeregMr,
+    /// `fcntl(fd, F_SETLEASE, kind)` on the process's descriptor of the scenario's file.
+    Lease {
+        /// Which lease.
+        kind: LeaseKind,
+    },
+    /// `fcntl(fd, F_GETLEASE)` must report `is` (`mismatch` otherwise).
+    CheckLease {
+        /// The expected lease (`unlock` = none).
+        is: LeaseKind,
+    },
+    /// Truncate the scenario's (first) file to `size`.
+    Truncate {
+        /// New size (0 allowed).
+        size: Bytes,
+        /// `truncate(path)` or `ftruncate(fd)`.
+        #[serde(default)]
+        via: TruncVia,
+    },
+    /// `fallocate(fd, mode, offset, len)` on the scenario's file.
+    Fallocate {
+        /// The mode.
+        mode: FallocMode,
+        /// Start.
+        offset: Bytes,
+        /// Length.
+        len: Size,
+    },
+    /// `pwrite` a known byte at `offset` through a fresh descriptor (no size change).
+    Write {
+        /// Where.
+        offset: Bytes,
+        /// How much.
+        len: Size,
+    },
+    /// `close()` the process's descriptor of the file (the mapping stays).
+    CloseFile,
+    /// `munmap()` every mapped region (the descriptor stays).
+    Unmap,
+    /// The holder forks; the child (with the uverbs fd and mappings) becomes `child`.
+    Fork,
+    /// The process exits at once: no dereg, no munmap, no close (the kernel does it).
+    Exit,
+    /// `SIGKILL` a process and wait (pidfd) until it is gone.
+    Kill {
+        /// Whom.
+        who: Proc,
+    },
+    /// Send the uverbs (RDMA context) fd to another process with SCM_RIGHTS.
+    SendUverbs {
+        /// The receiving process.
+        to: Proc,
+    },
+    /// Receive an fd sent with `send_uverbs`.
+    RecvUverbs,
+    /// Close the received uverbs fd.
+    CloseUverbs,
+    /// Read `/proc/<pid>/file_pins` of `of`: `ok` when it lists exactly the
+    /// `expect`ed files (by name, under one uverbs owner), `mismatch` otherwise,
+    /// or the errno of the read (`ENOENT` where the kernel has no such file).
+    FilePins {
+        /// Whose.
+        of: Proc,
+        /// Expected pinned file names (e.g. `S15.dat`); empty = no pins.
+        #[serde(default)]
+        expect: Vec<String>,
+    },
+    /// Read the scenario's file with `read()` through a fresh descriptor and
+    /// compare it with the client's pattern over the first `len` bytes.
+    VerifyFile {
+        /// How many bytes the client wrote.
+        #[serde(default)]
+        len: Size,
+    },
     /// Unmount the filesystem under test and mount it again with `-o dax=MODE`
     /// (the runner restores `dax=always` after the scenario).
     Remount {
@@ -80,7 +277,22 @@ impl Action {
     pub fn kind(&self) -> &'static str {
         match self {
             Action::Map { .. } => "map",
-            Action::RegMr => "reg_mr",
+            Action::RegMr | Action::RegMrRange { .. } => "reg_mr",
+            Action::Lease { .. } => "lease",
+            Action::CheckLease { .. } => "check_lease",
+            Action::Truncate { .. } => "truncate",
+            Action::Fallocate { .. } => "fallocate",
+            Action::Write { .. } => "write",
+            Action::CloseFile => "close_file",
+            Action::Unmap => "unmap",
+            Action::Fork => "fork",
+            Action::Exit => "exit",
+            Action::Kill { .. } => "kill",
+            Action::SendUverbs { .. } => "send_uverbs",
+            Action::RecvUverbs => "recv_uverbs",
+            Action::CloseUverbs => "close_uverbs",
+            Action::FilePins { .. } => "file_pins",
+            Action::VerifyFile { .. } => "verify_file",
             Action::RdmaWrite => "rdma_write",
             Action::Verify => "verify",
             Action::DeregMr => "dereg_mr",
@@ -121,6 +333,42 @@ impl DaxMode {
     }
 }
 
+fn one() -> u32 {
+    1
+}
+
+/// An offset or size that may be zero or unaligned: `0`, `3M`, `12345`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Bytes(pub u64);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Bytes(n)),
+            Raw::S(s) => parse_bytes(&s).map(Bytes).map_err(de::Error::custom),
+        }
+    }
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").unwrap_or(t);
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size (examples: 0, 4096, 64K, 2M, 1G)"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
 /// A byte count written as `4096`, `64K`, `2M` or `1G` (binary units).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Size(pub u64);
@@ -134,16 +382,7 @@ impl Default for Size {
 impl Size {
     /// Parse `4096`, `64K`, `2M`, `1G` (optionally with `iB`).
     pub fn parse(s: &str) -> Result<Size, String> {
-        let t = s.trim();
-        let t = t.strip_suffix("iB").unwrap_or(t);
-        let (num, mul) = match t.chars().last() {
-            Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-            Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-            Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-            _ => (t, 1),
-        };
-        let n: u64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size (examples: 4096, 64K, 2M, 1G)"))?;
-        let bytes = n.checked_mul(mul).ok_or_else(|| format!("size '{s}' is too large"))?;
+        let bytes = parse_bytes(s).map_err(|e| e.replace("0, 4096", "4096"))?;
         if bytes == 0 || bytes % 4096 != 0 {
             return Err(format!("size '{s}' must be a non-zero multiple of 4096"));
         }
@@ -199,10 +438,11 @@ mod tests {
                 steps: vec![
                     PlannedStep {
                         name: "map".into(),
-                        action: Action::Map { target: Target::File, size: Size(4096) },
+                        action: Action::Map { target: Target::File, size: Size(4096), files: 1 },
+                        by: Proc::Other,
                         probe: false,
                     },
-                    PlannedStep { name: "reg".into(), action: Action::RegMr, probe: true },
+                    PlannedStep { name: "reg".into(), action: Action::RegMr, by: Proc::Holder, probe: true },
                 ],
             }],
         };

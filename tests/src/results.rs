@@ -30,6 +30,10 @@ pub struct ScenarioResult {
     pub steps: Vec<StepResult>,
     /// Wall time of the whole scenario.
     pub ms: f64,
+    /// Set when the runner could not bring the lab back to a clean state
+    /// after the scenario (a pin survived, a process did not exit, …).
+    #[serde(default)]
+    pub isolation: Option<String>,
 }
 
 /// A step as run.
@@ -79,6 +83,9 @@ pub struct CellResult {
     pub steps: Vec<StepCheck>,
     /// Wall time of the scenario.
     pub ms: f64,
+    /// The runner's isolation check failed (see [`ScenarioResult::isolation`]).
+    #[serde(default)]
+    pub isolation: Option<String>,
 }
 
 impl CellResult {
@@ -132,9 +139,10 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
         scenario: spec.id.clone(),
         flavor,
         fs,
-        pass: got.is_some() && steps.iter().all(|s| s.pass),
+        pass: got.is_some_and(|g| g.isolation.is_none()) && steps.iter().all(|s| s.pass),
         steps,
         ms: got.map(|g| g.ms).unwrap_or(0.0),
+        isolation: got.and_then(|g| g.isolation.clone()),
     }
 }
 
@@ -162,6 +170,7 @@ mod tests {
                 .map(|o| StepResult { name: "x".into(), outcome: o.to_string(), detail: String::new(), ms: 1.0 })
                 .collect(),
             ms: 3.0,
+            isolation: None,
         }
     }
 
@@ -177,6 +186,14 @@ mod tests {
         let c = check(&spec(), Flavor::Stock, Fs::Ext4, Some(&res(&["ok", "EPERM", NOT_RUN])));
         assert!(!c.pass);
         assert_eq!(c.headline(), "reg: expected EOPNOTSUPP, got EPERM");
+    }
+
+    #[test]
+    fn failed_isolation_fails_the_cell() {
+        let mut r = res(&["ok", "EOPNOTSUPP", NOT_RUN]);
+        r.isolation = Some("pid 12 still pins".into());
+        let c = check(&spec(), Flavor::Stock, Fs::Ext4, Some(&r));
+        assert!(!c.pass);
     }
 
     #[test]

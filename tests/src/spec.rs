@@ -155,6 +155,9 @@ pub struct Step {
     pub name: String,
     /// What the runner does.
     pub action: Action,
+    /// Which process does it (default: the holder).
+    #[serde(default)]
+    pub by: crate::plan::Proc,
     /// Observe and go on (see [`PlannedStep::probe`]).
     #[serde(default)]
     pub probe: bool,
@@ -215,7 +218,7 @@ impl Scenario {
             steps: self
                 .steps
                 .iter()
-                .map(|s| PlannedStep { name: s.name.clone(), action: s.action.clone(), probe: s.probe })
+                .map(|s| PlannedStep { name: s.name.clone(), action: s.action.clone(), by: s.by, probe: s.probe })
                 .collect(),
         }
     }

@@ -7,21 +7,23 @@
 //! Results are rewritten after every scenario, so a crash mid-run still leaves
 //! what was observed until then.
 
-use pinlab_demos::rdma::{self, Device, Mr};
 use pinlab_demos::region::Region;
+use pinlab_demos::worker::{self, pidfd_open, recv_line, send, wait_readable, Context, Hello, Reply, Request, Worker};
 use pinlab_demos::StepError;
 use pinlab_scenarios::errno;
-use pinlab_scenarios::plan::{pattern_byte, Action, DaxMode, Plan, PlannedScenario, Target};
+use pinlab_scenarios::plan::{Action, DaxMode, Plan, PlannedScenario, PlannedStep, Proc};
 use pinlab_scenarios::results::{BootResults, ScenarioResult, StepResult, NOT_RUN};
 use pinlab_scenarios::Fs;
+use std::collections::BTreeMap;
+use std::io::BufReader;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const PMEM_MNT: &str = "/mnt/pmem";
-const RXE: &str = "rxe0";
+use pinlab_demos::worker::{ADDR, PMEM_MNT, RXE};
 const NETDEV: &str = "eth0";
-const ADDR: &str = "192.0.2.1";
 
 fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
@@ -160,168 +162,340 @@ fn setup(fs: Fs, out: &mut Vec<StepResult>) -> Option<Lab> {
     Some(Lab { fs, pmem, devdax })
 }
 
-/// One scenario's state: what the holder (this process) has.
-struct Holder<'a> {
-    lab: &'a Lab,
-    id: String,
-    dev: Option<Device>,
-    region: Option<Region>,
-    mr: Option<Mr>,
-    remounted: bool,
-    written: bool,
+/// A live worker process.
+struct Live {
+    pid: i32,
+    pidfd: OwnedFd,
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    child: Option<std::process::Child>,
 }
 
-impl Holder<'_> {
-    fn device(&mut self) -> Result<&Device, StepError> {
-        if self.dev.is_none() {
-            self.dev = Some(Device::open(Some(RXE)).map_err(|e| StepError::other(format!("open {RXE}: {e:#}")))?);
+/// One scenario's processes and the runner's own state (the `other` process).
+struct Scene<'a> {
+    lab: &'a Lab,
+    ctx: Context,
+    listener: UnixListener,
+    procs: BTreeMap<Proc, Live>,
+    me: Worker,
+    remounted: bool,
+}
+
+const STEP_DEADLINE: Duration = Duration::from_secs(60);
+
+impl<'a> Scene<'a> {
+    fn new(lab: &'a Lab, id: &str) -> Result<Scene<'a>, StepError> {
+        let dir = Path::new("/run/pinlab");
+        std::fs::create_dir_all(dir).map_err(|e| StepError::other(format!("mkdir {}: {e}", dir.display())))?;
+        let ctl = dir.join(format!("{id}-ctl.sock"));
+        let _ = std::fs::remove_file(&ctl);
+        let listener =
+            UnixListener::bind(&ctl).map_err(|e| StepError::other(format!("bind {}: {e}", ctl.display())))?;
+        let ctx = Context { scenario: id.to_string(), devdax: lab.devdax.clone(), ctl };
+        Ok(Scene {
+            lab,
+            me: Worker::new(Proc::Other, ctx.clone()),
+            ctx,
+            listener,
+            procs: BTreeMap::new(),
+            remounted: false,
+        })
+    }
+
+    /// Accept the next worker's connection (at most 10 s) and check its hello.
+    fn accept(&mut self, role: Proc, child: Option<std::process::Child>) -> Result<(), StepError> {
+        if !wait_readable(self.listener.as_raw_fd(), Duration::from_secs(10))? {
+            return Err(StepError::other(format!("the {} did not connect within 10 s", role.name())));
         }
-        Ok(self.dev.as_ref().expect("just set"))
+        let (stream, _) = self.listener.accept().map_err(|e| StepError::other(format!("accept: {e}")))?;
+        let mut reader = BufReader::new(stream.try_clone().map_err(|e| StepError::other(e.to_string()))?);
+        let hello: Hello = recv_line(&mut reader)
+            .map_err(|e| StepError::other(format!("hello from the {}: {e}", role.name())))?
+            .ok_or_else(|| StepError::other(format!("the {} hung up before saying hello", role.name())))?;
+        if hello.role != role {
+            return Err(StepError::other(format!(
+                "expected the {} to connect, got the {}",
+                role.name(),
+                hello.role.name()
+            )));
+        }
+        let pidfd = pidfd_open(hello.pid)?;
+        self.procs.insert(role, Live { pid: hello.pid, pidfd, stream, reader, child });
+        Ok(())
     }
 
-    fn file_path(&self) -> PathBuf {
-        Path::new(PMEM_MNT).join(format!("{}.dat", self.id))
+    fn spawn(&mut self, role: Proc) -> Result<(), StepError> {
+        let child = Command::new("/usr/local/bin/pinlab-runner")
+            .args(["--worker", role.name(), "--scenario", &self.ctx.scenario, "--devdax", &self.ctx.devdax, "--ctl"])
+            .arg(&self.ctx.ctl)
+            .spawn()
+            .map_err(|e| StepError::other(format!("start the {}: {e}", role.name())))?;
+        self.accept(role, Some(child))
     }
 
-    fn step(&mut self, action: &Action) -> Result<String, StepError> {
+    /// Wait (pidfd) until `role`'s process is gone, at most `d`.
+    fn wait_gone(&mut self, role: Proc, d: Duration) -> Result<String, StepError> {
+        let Some(mut live) = self.procs.remove(&role) else { return Ok(String::new()) };
+        let t = Instant::now();
+        if !wait_readable(live.pidfd.as_raw_fd(), d)? {
+            return Err(StepError::other(format!("the {} (pid {}) still runs after {d:?}", role.name(), live.pid)));
+        }
+        if let Some(c) = live.child.as_mut() {
+            let _ = c.wait();
+        }
+        Ok(format!("pid {} gone after {} ms", live.pid, t.elapsed().as_millis()))
+    }
+
+    fn ask(&mut self, role: Proc, action: &Action) -> Result<String, StepError> {
+        if !self.procs.contains_key(&role) {
+            return Err(StepError::other(format!("there is no {} process (yet, or any more)", role.name())));
+        }
+        let live = self.procs.get_mut(&role).expect("checked");
+        send(&mut live.stream, &Request { action: action.clone() })
+            .map_err(|e| StepError::other(format!("send to the {}: {e}", role.name())))?;
+        let t = Instant::now();
+        // Wait for the answer; notice a crash instead of waiting out the deadline.
+        loop {
+            if wait_readable(live.stream.as_raw_fd(), Duration::from_millis(200))? {
+                break;
+            }
+            if wait_readable(live.pidfd.as_raw_fd(), Duration::ZERO)? {
+                return Err(StepError::other(format!(
+                    "the {} (pid {}) died during {}",
+                    role.name(),
+                    live.pid,
+                    action.kind()
+                )));
+            }
+            if t.elapsed() > STEP_DEADLINE {
+                return Err(StepError::other(format!(
+                    "the {} did not answer {} within {STEP_DEADLINE:?}",
+                    role.name(),
+                    action.kind()
+                )));
+            }
+        }
+        let rep: Reply = recv_line(&mut live.reader)
+            .map_err(|e| StepError::other(format!("answer from the {}: {e}", role.name())))?
+            .ok_or_else(|| StepError::other(format!("the {} hung up during {}", role.name(), action.kind())))?;
         match action {
-            Action::Map { target, size } => {
-                let len = size.0 as usize;
-                self.mr = None;
-                self.region = None;
-                let r = match target {
-                    Target::Anon => Region::anon(len)?,
-                    Target::File => {
-                        let p = self.file_path();
-                        let _ = std::fs::remove_file(&p);
-                        Region::file(&p, len)?
-                    }
-                    Target::Devdax => Region::devdax(Path::new(&self.lab.devdax), len)?,
-                };
-                let what = match (target, r.is_dax()?) {
-                    (Target::File, Some(d)) => {
-                        format!("{} MAP_SHARED, {len} bytes, STATX_ATTR_DAX={}", self.file_path().display(), d as u8)
-                    }
-                    (Target::Devdax, _) => format!("{} MAP_SHARED, {len} bytes", self.lab.devdax),
-                    _ => format!("anonymous MAP_SHARED, {len} bytes"),
-                };
-                self.region = Some(r);
-                Ok(what)
+            Action::Fork if rep.outcome == "ok" => self.accept(Proc::Child, None)?,
+            Action::Exit if rep.outcome == "ok" => {
+                let gone = self.wait_gone(role, Duration::from_secs(10))?;
+                return Ok(format!("{}; {gone}", rep.detail));
             }
-            Action::RegMr => {
-                let (ptr, len) = {
-                    let r = self.region.as_ref().ok_or_else(|| StepError::other("reg_mr before map"))?;
-                    (r.as_mut_ptr(), r.len())
-                };
-                let mr = self.device()?.reg_mr(ptr, len)?;
-                let d = format!("lkey={:#x} rkey={:#x}, {len} bytes at {ptr:p}", mr.lkey(), mr.rkey());
-                self.mr = Some(mr);
-                Ok(d)
-            }
-            Action::RdmaWrite => {
-                let mr = self.mr.as_ref().ok_or_else(|| StepError::other("rdma_write before reg_mr"))?;
-                let listener = std::net::TcpListener::bind((ADDR, 0))
-                    .map_err(|e| StepError::errno(e.raw_os_error().unwrap_or(0), format!("bind {ADDR}:0: {e}")))?;
-                let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-                let mut client = Command::new("/usr/local/bin/rdma-client")
-                    .args(["--server", &format!("{ADDR}:{port}"), "--timeout-s", "30"])
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .map_err(|e| StepError::other(format!("start rdma-client: {e}")))?;
-                let dev = self.dev.as_ref().ok_or_else(|| StepError::other("no device"))?;
-                let served = rdma::serve_write(dev, mr, &listener, Duration::from_secs(40));
-                if served.is_err() {
-                    let _ = client.kill();
+            _ => {}
+        }
+        if rep.outcome == "ok" {
+            Ok(rep.detail)
+        } else {
+            Err(StepError {
+                errno: errno::number(&rep.outcome),
+                message: if rep.outcome == "mismatch" && !rep.detail.starts_with("mismatch") {
+                    format!("mismatch: {}", rep.detail)
+                } else {
+                    rep.detail
+                },
+            })
+        }
+    }
+
+    fn file_pins(&self, of: Proc, expect: &[String]) -> Result<String, StepError> {
+        let pid =
+            self.procs.get(&of).map(|l| l.pid).ok_or_else(|| StepError::other(format!("no {} process", of.name())))?;
+        let path = format!("/proc/{pid}/file_pins");
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| StepError::errno(e.raw_os_error().unwrap_or(0), format!("read {path}: {e}")))?;
+        let shown = text.trim_end().replace('\n', " | ").replace('\t', "\\t");
+        let got = parse_file_pins(&text).map_err(|e| StepError::other(format!("mismatch: {path}: {e}: '{shown}'")))?;
+        let mut want: Vec<String> = expect.to_vec();
+        want.sort();
+        if got == want {
+            Ok(format!("{path}: '{shown}'"))
+        } else {
+            Err(StepError::other(format!("mismatch: {path} lists {got:?}, expected {want:?}: '{shown}'")))
+        }
+    }
+
+    fn step(&mut self, st: &PlannedStep) -> Result<String, StepError> {
+        match (st.by, &st.action) {
+            (Proc::Other, Action::Kill { who }) => {
+                let pid = self
+                    .procs
+                    .get(who)
+                    .map(|l| l.pid)
+                    .ok_or_else(|| StepError::other(format!("no {} to kill", who.name())))?;
+                // SAFETY: plain syscall; pid is a live worker we track with a pidfd.
+                if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                    return Err(StepError::last_os(format!("kill({pid}, SIGKILL)")));
                 }
-                let pid = client.id();
-                let out = client.wait_with_output().map_err(|e| StepError::other(format!("wait rdma-client: {e}")))?;
-                served?;
-                if !out.status.success() {
-                    return Err(StepError::other(format!(
-                        "rdma-client failed ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
-                self.written = true;
-                Ok(format!(
-                    "rdma-client (pid {pid}) wrote {} bytes over an RC QP: {}",
-                    mr.len(),
-                    String::from_utf8_lossy(&out.stdout).trim()
-                ))
+                let gone = self.wait_gone(*who, Duration::from_secs(10))?;
+                Ok(format!("SIGKILL to the {} (pid {pid}); {gone}", who.name()))
             }
-            Action::Verify => {
-                let r = self.region.as_ref().ok_or_else(|| StepError::other("verify before map"))?;
-                if !self.written {
-                    return Err(StepError::other("verify before rdma_write"));
-                }
-                let bytes = r.as_slice();
-                match bytes.iter().enumerate().find(|(i, b)| **b != pattern_byte(*i as u64)) {
-                    None => Ok(format!("all {} bytes match the client's pattern", bytes.len())),
-                    Some((i, b)) => Err(StepError::other(format!(
-                        "mismatch at offset {i}: found {b:#04x}, expected {:#04x}",
-                        pattern_byte(i as u64)
-                    ))),
-                }
-            }
-            Action::DeregMr => {
-                let mr = self.mr.take().ok_or_else(|| StepError::other("dereg_mr without an MR"))?;
-                mr.dereg()?;
-                Ok("deregistered; pages unpinned".into())
-            }
-            Action::Remount { dax } => {
-                self.mr = None;
-                self.region = None;
+            (Proc::Other, Action::FilePins { of, expect }) => self.file_pins(*of, expect),
+            (Proc::Other, Action::Remount { dax }) => {
                 umount_pmem()?;
                 self.remounted = true;
                 let m = mount_pmem(&self.lab.pmem, self.lab.fs, *dax)?;
                 let check = check_dax(*dax == DaxMode::Always)?;
                 Ok(format!("{m}; {check}"))
             }
+            (Proc::Other, a) => self.me.exec(a),
+            (role, a) => self.ask(role, a),
         }
     }
 
-    /// Back to a clean lab: no MR, no mapping, the scenario's file gone, dax=always.
-    fn cleanup(mut self) -> Result<(), StepError> {
-        if let Some(mr) = self.mr.take() {
-            mr.dereg()?;
+    /// Back to a clean lab, and prove it: every worker exits (the kernel drops
+    /// whatever they held), nobody's file_pins lists a file, the scenario's
+    /// file can be truncated, the mount is dax=always again.
+    fn finish(mut self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        let roles: Vec<Proc> = self.procs.keys().copied().collect();
+        for role in roles {
+            if let Err(e) = self.ask(role, &Action::Exit) {
+                problems.push(format!("{} did not exit cleanly: {e}", role.name()));
+                if let Some(l) = self.procs.get(&role) {
+                    // SAFETY: plain syscall on a tracked worker.
+                    unsafe { libc::kill(l.pid, libc::SIGKILL) };
+                }
+                let _ = self.wait_gone(role, Duration::from_secs(10));
+            }
         }
-        self.region = None;
-        let _ = std::fs::remove_file(self.file_path());
+        if let Err(e) = self.me.release_all() {
+            problems.push(format!("runner release: {e}"));
+        }
+        for (pid, text) in all_file_pins() {
+            if parse_file_pins(&text).map(|f| !f.is_empty()).unwrap_or(true) {
+                problems.push(format!("pid {pid} still pins: {}", text.trim()));
+            }
+        }
+        for i in 0..4 {
+            let p = self.ctx.file(i);
+            if p.exists() {
+                if let Err(e) = std::fs::OpenOptions::new().write(true).open(&p).and_then(|f| f.set_len(0)) {
+                    problems.push(format!("truncate {} after the scenario: {e} (a pin survived?)", p.display()));
+                }
+                let _ = std::fs::remove_file(&p);
+            }
+        }
         if self.remounted {
-            umount_pmem()?;
-            mount_pmem(&self.lab.pmem, self.lab.fs, DaxMode::Always)?;
-            check_dax(true)?;
+            if let Err(e) = umount_pmem()
+                .and_then(|()| mount_pmem(&self.lab.pmem, self.lab.fs, DaxMode::Always))
+                .and_then(|_| check_dax(true))
+            {
+                problems.push(format!("restore dax=always: {e}"));
+            }
         }
-        Ok(())
+        let _ = std::fs::remove_file(&self.ctx.ctl);
+        let _ = std::fs::remove_file(self.ctx.receiver_socket());
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
     }
+}
+
+/// `/proc/<pid>/file_pins`: `N: owner` lines, each followed by tab-indented
+/// pinned files; bare paths are pins owned by an mm. Returns the pinned
+/// files' names, sorted.
+fn parse_file_pins(text: &str) -> Result<Vec<String>, String> {
+    let mut files = Vec::new();
+    let mut owner = false;
+    for l in text.lines() {
+        if l.trim().is_empty() {
+            continue;
+        }
+        if let Some(f) = l.strip_prefix('\t') {
+            if !owner {
+                return Err("a tab-indented file before any owner line".into());
+            }
+            files.push(f.trim().to_string());
+        } else if let Some((n, path)) = l.split_once(": ").filter(|(n, _)| n.chars().all(|c| c.is_ascii_digit())) {
+            if !path.starts_with("/dev/infiniband/uverbs") {
+                return Err(format!("owner of fd {n} is '{path}', not a /dev/infiniband/uverbsN context"));
+            }
+            owner = true;
+        } else {
+            files.push(l.trim().to_string());
+        }
+    }
+    let mut names: Vec<String> = files
+        .iter()
+        .map(|f| Path::new(f).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_file_pins;
+
+    #[test]
+    fn file_pins_format() {
+        let t = "3: /dev/infiniband/uverbs0\n\t/mnt/pmem/S15.dat\n\t/mnt/pmem/S15-1.dat\n4: /dev/infiniband/uverbs0\n\t/mnt/pmem/S15-2.dat\n";
+        assert_eq!(parse_file_pins(t).unwrap(), vec!["S15-1.dat", "S15-2.dat", "S15.dat"]);
+        assert_eq!(parse_file_pins("").unwrap(), Vec::<String>::new());
+        // Pins owned by an mm are bare paths.
+        assert_eq!(parse_file_pins("/mnt/pmem/a\n").unwrap(), vec!["a"]);
+        assert!(parse_file_pins("\t/mnt/pmem/a\n").is_err());
+        assert!(parse_file_pins("3: /dev/null\n\t/mnt/pmem/a\n").is_err());
+    }
+}
+
+fn all_file_pins() -> Vec<(String, String)> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
+        .filter_map(|e| {
+            let t = std::fs::read_to_string(e.path().join("file_pins")).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), t))
+        })
+        .collect()
 }
 
 fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
     println!("PINLAB-SCENARIO {} {}", sc.id, sc.title);
     let t0 = Instant::now();
-    let mut h = Holder { lab, id: sc.id.clone(), dev: None, region: None, mr: None, remounted: false, written: false };
     let mut steps = Vec::new();
-    let mut stopped = false;
+    let mut scene = match Scene::new(lab, &sc.id) {
+        Ok(s) => s,
+        Err(e) => {
+            return ScenarioResult { id: sc.id.clone(), steps, ms: 0.0, isolation: Some(format!("cannot start: {e}")) };
+        }
+    };
+    let needs_receiver = sc
+        .steps
+        .iter()
+        .any(|s| s.by == Proc::Receiver || matches!(s.action, Action::SendUverbs { to: Proc::Receiver }));
+    let mut start = scene.spawn(Proc::Holder);
+    if start.is_ok() && needs_receiver {
+        start = scene.spawn(Proc::Receiver);
+    }
+    let mut stopped = start.as_ref().err().map(|e| format!("workers did not start: {e}"));
     for st in &sc.steps {
-        if stopped {
+        if stopped.is_some() {
             steps.push(StepResult { name: st.name.clone(), outcome: NOT_RUN.into(), detail: String::new(), ms: 0.0 });
             continue;
         }
         let t = Instant::now();
-        let rec = record(&st.name, t, h.step(&st.action));
-        println!("pinlab-runner: {} {}: {} {}", sc.id, rec.name, rec.outcome, rec.detail);
+        let rec = record(&st.name, t, scene.step(st));
+        println!("pinlab-runner: {} [{}] {}: {} {}", sc.id, st.by.name(), rec.name, rec.outcome, rec.detail);
         if rec.outcome != "ok" && !st.probe {
-            stopped = true;
+            stopped = Some(String::new());
         }
         steps.push(rec);
     }
-    if let Err(e) = h.cleanup() {
-        // Isolation failed: say so in the last step's detail, and fail the scenario visibly.
-        steps.push(StepResult { name: "cleanup".into(), outcome: "error".into(), detail: e.to_string(), ms: 0.0 });
+    let isolation = match (start, scene.finish()) {
+        (Err(e), _) => Some(format!("workers did not start: {e}")),
+        (_, Err(e)) => Some(e),
+        _ => None,
+    };
+    if let Some(i) = &isolation {
+        println!("pinlab-runner: {} isolation check FAILED: {i}", sc.id);
     }
-    ScenarioResult { id: sc.id.clone(), steps, ms: t0.elapsed().as_secs_f64() * 1000.0 }
+    ScenarioResult { id: sc.id.clone(), steps, ms: t0.elapsed().as_secs_f64() * 1000.0, isolation }
 }
 
 fn write_results(path: &Path, r: &BootResults) {
@@ -335,8 +509,28 @@ fn write_results(path: &Path, r: &BootResults) {
     }
 }
 
+fn arg_after(args: &[String], flag: &str) -> Option<String> {
+    args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(role) = arg_after(&args, "--worker") {
+        let role = match role.as_str() {
+            "holder" => Proc::Holder,
+            "receiver" => Proc::Receiver,
+            other => {
+                eprintln!("pinlab-runner: unknown worker role {other}");
+                std::process::exit(2);
+            }
+        };
+        let ctx = Context {
+            scenario: arg_after(&args, "--scenario").unwrap_or_default(),
+            devdax: arg_after(&args, "--devdax").unwrap_or_default(),
+            ctl: PathBuf::from(arg_after(&args, "--ctl").unwrap_or_default()),
+        };
+        worker::serve(role, ctx);
+    }
     if args.len() < 3 {
         eprintln!("usage: pinlab-runner PLAN.json RESULTS.json [--setup-only]");
         std::process::exit(2);

@@ -428,22 +428,6 @@ fn parse_file_pins(text: &str) -> Result<Vec<String>, String> {
     Ok(names)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_file_pins;
-
-    #[test]
-    fn file_pins_format() {
-        let t = "3: /dev/infiniband/uverbs0\n\t/mnt/pmem/S15.dat\n\t/mnt/pmem/S15-1.dat\n4: /dev/infiniband/uverbs0\n\t/mnt/pmem/S15-2.dat\n";
-        assert_eq!(parse_file_pins(t).unwrap(), vec!["S15-1.dat", "S15-2.dat", "S15.dat"]);
-        assert_eq!(parse_file_pins("").unwrap(), Vec::<String>::new());
-        // Pins owned by an mm are bare paths.
-        assert_eq!(parse_file_pins("/mnt/pmem/a\n").unwrap(), vec!["a"]);
-        assert!(parse_file_pins("\t/mnt/pmem/a\n").is_err());
-        assert!(parse_file_pins("3: /dev/null\n\t/mnt/pmem/a\n").is_err());
-    }
-}
-
 fn all_file_pins() -> Vec<(String, String)> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
     rd.filter_map(Result::ok)
@@ -568,4 +552,20 @@ fn main() {
     }
     let _ = umount_pmem();
     println!("pinlab-runner: {} scenarios done at uptime {} ms", res.scenarios.len(), uptime_ms());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_file_pins;
+
+    #[test]
+    fn file_pins_format() {
+        let t = "3: /dev/infiniband/uverbs0\n\t/mnt/pmem/S15.dat\n\t/mnt/pmem/S15-1.dat\n4: /dev/infiniband/uverbs0\n\t/mnt/pmem/S15-2.dat\n";
+        assert_eq!(parse_file_pins(t).unwrap(), vec!["S15-1.dat", "S15-2.dat", "S15.dat"]);
+        assert_eq!(parse_file_pins("").unwrap(), Vec::<String>::new());
+        // Pins owned by an mm are bare paths.
+        assert_eq!(parse_file_pins("/mnt/pmem/a\n").unwrap(), vec!["a"]);
+        assert!(parse_file_pins("\t/mnt/pmem/a\n").is_err());
+        assert!(parse_file_pins("3: /dev/null\n\t/mnt/pmem/a\n").is_err());
+    }
 }

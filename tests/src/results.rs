@@ -19,6 +19,10 @@ pub struct BootResults {
     pub scenarios: Vec<ScenarioResult>,
     /// Guest uptime when the runner started, in milliseconds.
     pub runner_start_ms: u64,
+    /// The filesystem check after the last scenario (`e2fsck -fn` / `xfs_repair -n`
+    /// on the unmounted filesystem); `None` if the runner did not get there.
+    #[serde(default)]
+    pub fsck: Option<StepResult>,
 }
 
 /// A scenario as run.

@@ -5,6 +5,7 @@ mod apt;
 mod console;
 mod flags;
 mod host;
+mod html;
 mod image;
 mod kernel;
 mod kvm;

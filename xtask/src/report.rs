@@ -29,6 +29,8 @@ pub struct BootRecord {
     pub failure: Option<String>,
     /// Guest setup steps: `name: outcome (detail)`.
     pub setup: Vec<String>,
+    /// The end-of-boot filesystem check: `name: outcome (detail)`.
+    pub fsck: Option<String>,
 }
 
 /// `results.json`.
@@ -142,6 +144,9 @@ pub fn markdown(specs: &[Scenario], r: &RunResults) -> String {
         }
         for st in &b.setup {
             let _ = writeln!(s, "  - setup: {st}");
+        }
+        if let Some(f) = &b.fsck {
+            let _ = writeln!(s, "  - fsck: {f}");
         }
     }
     let _ = writeln!(s, "\n## Scenarios\n");

@@ -153,6 +153,11 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
                     .as_ref()
                     .map(|r| r.setup.iter().map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)).collect())
                     .unwrap_or_default(),
+                fsck: outcome
+                    .results
+                    .as_ref()
+                    .and_then(|r| r.fsck.as_ref())
+                    .map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)),
             });
         }
     }
@@ -167,13 +172,15 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
     };
     std::fs::write(run_dir.join("results.json"), serde_json::to_vec_pretty(&res)?)?;
     std::fs::write(run_dir.join("report.md"), report::markdown(&specs, &res))?;
+    std::fs::write(run_dir.join("report.html"), crate::html::render(&specs, &res))?;
+    std::fs::write(run_dir.join("junit.xml"), crate::html::junit(&specs, &res))?;
     println!("\n{}", report::table(&specs, &res));
     let passed = res.results.iter().filter(|c| c.pass).count();
     println!(
         "{passed}/{} as expected in {}. Report: {}",
         res.results.len(),
         util::since(t0),
-        run_dir.join("report.md").display()
+        run_dir.join("report.html").display()
     );
     Ok(pass)
 }

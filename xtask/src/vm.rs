@@ -291,6 +291,13 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
     if results.is_none() && failure.is_none() {
         failure = Some(format!("the guest wrote no {}", results_path.display()));
     }
+    if failure.is_none() {
+        match results.as_ref().and_then(|r| r.fsck.as_ref()) {
+            Some(f) if f.outcome == "ok" => {}
+            Some(f) => failure = Some(format!("filesystem check failed: {}: {} {}", f.name, f.outcome, f.detail)),
+            None => failure = Some("the runner did not check the filesystem at the end".into()),
+        }
+    }
     Ok(BootOutcome { console: console_path, results, splats, failure, wall, to_runner })
 }
 

@@ -550,7 +550,20 @@ fn main() {
         res.scenarios.push(r);
         write_results(&out, &res);
     }
-    let _ = umount_pmem();
+    // The filesystem must be clean after everything the scenarios did to it.
+    let t = Instant::now();
+    let fsck = umount_pmem().and_then(|()| match lab.fs {
+        Fs::Ext4 => tool("e2fsck", &["-fn", &lab.pmem]),
+        Fs::Xfs => tool("xfs_repair", &["-n", &lab.pmem]),
+    });
+    let rec = record(
+        &format!("{} -n {}", if lab.fs == Fs::Ext4 { "e2fsck -f" } else { "xfs_repair" }, lab.pmem),
+        t,
+        fsck.map(|out| format!("clean: {}", out.lines().last().unwrap_or("").trim())),
+    );
+    println!("pinlab-runner: fsck: {} {}", rec.outcome, rec.detail);
+    res.fsck = Some(rec);
+    write_results(&out, &res);
     println!("pinlab-runner: {} scenarios done at uptime {} ms", res.scenarios.len(), uptime_ms());
 }
 

@@ -198,12 +198,12 @@ impl Device {
         let device = match name {
             Some(want) => list.iter().find(|d| d.name() == want).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "RDMA device {want:?} not found (devices: {}); set one up with `rdma link add {want} type rxe netdev eth0`",
+                    "RDMA device {want:?} not found (devices: {}); set one up with `rdma link add {want} type rxe netdev dummy0`",
                     if names.is_empty() { "none".to_string() } else { names.join(", ") }
                 )
             })?,
             None => list.iter().next().ok_or_else(|| {
-                anyhow::anyhow!("no RDMA devices found; set one up with `rdma link add rxe0 type rxe netdev eth0`")
+                anyhow::anyhow!("no RDMA devices found; set one up with `rdma link add rxe0 type rxe netdev dummy0`")
             })?,
         };
         let dev_name = device.name();

@@ -50,6 +50,16 @@ xflags::xflags! {
             optional --no-install
         }
 
+        /// Boot the lab (DAX mounted, rxe up, demos on PATH) into a shell on this terminal.
+        cmd shell {
+            /// Kernel flavor (default: stock).
+            optional --flavor flavor: Flavor
+            /// Filesystem for the DAX namespace (default: ext4).
+            optional --fs fs: Fs
+            /// kvm or tcg (default: what the KVM probe found).
+            optional --accel accel: Accel
+        }
+
         /// The full test suite: unit tests, then the end-to-end scenarios.
         cmd test {
             /// Only the unit tests (no kernel build, no VM).

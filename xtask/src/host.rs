@@ -41,6 +41,8 @@ pub enum Need {
     Boot,
     /// Building virtiofsd with cargo.
     Virtiofsd,
+    /// `cargo xtask test`: rendering the report.
+    Test,
     /// Nice to have.
     Optional,
 }
@@ -107,6 +109,7 @@ pub fn requirements() -> Vec<Req> {
             needed_for: Virtiofsd,
         },
         Req { what: "pkg-config", package: "pkg-config", check: Program("pkg-config"), needed_for: Virtiofsd },
+        Req { what: "chromium (report test)", package: "chromium", check: Program("chromium"), needed_for: Test },
     ]
 }
 

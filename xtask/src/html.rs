@@ -119,9 +119,9 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
             v
         };
         for c in r.results.iter().filter(|c| c.scenario == sp.id) {
-            let _ = write!(
+            let _ = writeln!(
                 s,
-                "<details{open}><summary><b>{fl} / {fs}</b>: {mark} {head} <span class=\"small\">({ms:.0} ms)</span></summary>\n",
+                "<details{open}><summary><b>{fl} / {fs}</b>: {mark} {head} <span class=\"small\">({ms:.0} ms)</span></summary>",
                 open = if c.pass { "" } else { " open" },
                 fl = c.flavor,
                 fs = if sp.uses_fs { c.fs.to_string() } else { "no filesystem".into() },

@@ -76,6 +76,13 @@ fn real_main() -> Result<bool> {
                 },
             )
         }
+        flags::XtaskCmd::Shell(sh) => run::shell(
+            &cache,
+            sh.flavor.unwrap_or(pinlab_scenarios::Flavor::Stock),
+            sh.fs.unwrap_or(pinlab_scenarios::Fs::Ext4),
+            sh.accel,
+        )
+        .map(|()| true),
         flags::XtaskCmd::Test(t) => test::run(&cache, t.unit, t.accel),
         flags::XtaskCmd::Clean(c) => test::clean(&cache, c.all).map(|()| true),
         flags::XtaskCmd::KvmProbe(_) => kvm::child_main().map(|()| true),

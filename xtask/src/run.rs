@@ -184,3 +184,15 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
     );
     Ok(pass)
 }
+
+/// `cargo xtask shell`.
+pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>) -> Result<()> {
+    host::ensure(&[Need::Kernel, Need::Demos, Need::Image, Need::Boot], false)?;
+    let accel = vm::choose_accel(accel);
+    let k = kernel::build(cache, flavor, &Source::Debian)?;
+    let rootfs = crate::image::build(cache)?;
+    let dir = util::target_dir().join("shell").join(format!("{flavor}-{fs}"));
+    std::fs::create_dir_all(&dir)?;
+    let plan = Plan { flavor, fs, scenarios: Vec::new() };
+    vm::shell(cache, &k.bzimage, &rootfs, &dir, &plan, accel)
+}

@@ -172,13 +172,29 @@ fn spawn_virtiofsd(bin: &Path, sock: &Path, dir: &Path, readonly: bool, log: &Pa
     Ok(r)
 }
 
-/// Boot once and run the plan.
-pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
+/// A prepared machine: the share with the plan, the NVDIMM backing files and
+/// the two virtiofsd daemons, all released when dropped.
+struct Machine {
+    qspec: QemuSpec,
+    share: PathBuf,
+    _tmp: tempfile::TempDir,
+    _vfs: [Reaper; 2],
+}
+
+fn prepare(
+    cache: &Cache,
+    kernel: &Path,
+    rootfs: &Path,
+    dir: &Path,
+    plan: &Plan,
+    accel: Accel,
+    extra: &str,
+) -> Result<Machine> {
     let virtiofsd = crate::host::ensure_virtiofsd(cache, false)?;
-    let share = spec.dir.join("share");
+    let share = dir.join("share");
     let _ = std::fs::remove_dir_all(&share);
     std::fs::create_dir_all(&share)?;
-    std::fs::write(share.join("plan.json"), serde_json::to_vec_pretty(spec.plan)?)?;
+    std::fs::write(share.join("plan.json"), serde_json::to_vec_pretty(plan)?)?;
     // Sockets need a short path (108 bytes); the NVDIMM files are sparse.
     let tmp = tempfile::Builder::new().prefix("pinlab-vm-").tempdir().context("Failed to create a temp dir")?;
     let pmem = tmp.path().join("pmem0.img");
@@ -187,20 +203,44 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
     std::fs::File::create(&devdax)?.set_len(qemu::DEVDAX_MIB << 20)?;
     let rootfs_sock = tmp.path().join("rootfs.sock");
     let share_sock = tmp.path().join("share.sock");
-    let _vfs_root =
-        spawn_virtiofsd(&virtiofsd, &rootfs_sock, spec.rootfs, true, &spec.dir.join("virtiofsd-rootfs.log"))?;
-    let _vfs_share = spawn_virtiofsd(&virtiofsd, &share_sock, &share, false, &spec.dir.join("virtiofsd-share.log"))?;
-
+    let vfs_root = spawn_virtiofsd(&virtiofsd, &rootfs_sock, rootfs, true, &dir.join("virtiofsd-rootfs.log"))?;
+    let vfs_share = spawn_virtiofsd(&virtiofsd, &share_sock, &share, false, &dir.join("virtiofsd-share.log"))?;
     let qspec = QemuSpec {
-        accel: spec.accel,
+        accel,
         cpus: 2,
-        kernel: spec.kernel.to_path_buf(),
-        cmdline_extra: String::new(),
+        kernel: kernel.to_path_buf(),
+        cmdline_extra: extra.to_string(),
         pmem,
         devdax,
         rootfs_sock,
         share_sock,
+        interactive: false,
     };
+    Ok(Machine { qspec, share, _tmp: tmp, _vfs: [vfs_root, vfs_share] })
+}
+
+/// Boot into an interactive shell on this terminal: the lab is set up (DAX
+/// mounted, rxe up), the demos are on PATH; `exit` powers the guest off.
+pub fn shell(cache: &Cache, kernel: &Path, rootfs: &Path, dir: &Path, plan: &Plan, accel: Accel) -> Result<()> {
+    let mut m = prepare(cache, kernel, rootfs, dir, plan, accel, "pinlab.mode=shell")?;
+    m.qspec.interactive = true;
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(qemu::args(&m.qspec));
+    let shown = util::show(&cmd);
+    eprintln!("$ {shown}");
+    eprintln!("(type `exit` in the guest to power it off)");
+    let status = cmd.status().with_context(|| format!("Failed to start `{shown}`"))?;
+    if !status.success() {
+        bail!("QEMU exited with {status}");
+    }
+    Ok(())
+}
+
+/// Boot once and run the plan.
+pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
+    let m = prepare(cache, spec.kernel, spec.rootfs, spec.dir, spec.plan, spec.accel, "")?;
+    let share = m.share.clone();
+    let qspec = m.qspec.clone();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(qemu::args(&qspec));
     let shown = util::show(&cmd);

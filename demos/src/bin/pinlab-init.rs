@@ -88,8 +88,13 @@ fn main() {
                 1
             });
             if shell {
-                println!("pinlab: DAX mounted at /mnt/pmem, rxe0 up on eth0 (192.0.2.1); demos on PATH. Exit the shell to power off.");
-                rc = run_and_reap("/bin/bash", &["--login"]).unwrap_or(1);
+                println!(
+                    "\npinlab: DAX mounted at /mnt/pmem, rxe0 up on dummy0 (192.0.2.1), demos on PATH \
+                     (rdma-server, rdma-client, pinlab-runner). Type `exit` to power off.\n"
+                );
+                // setsid -c: a session with the serial console as controlling
+                // terminal, so job control and Ctrl-C work in the shell.
+                rc = run_and_reap("/usr/bin/setsid", &["-c", "-w", "/bin/bash", "--login"]).unwrap_or(1);
             }
             rc
         }

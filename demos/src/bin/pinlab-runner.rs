@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pinlab_demos::worker::{ADDR, PMEM_MNT, RXE};
-const NETDEV: &str = "eth0";
+const NETDEV: &str = "dummy0";
 
 fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
@@ -110,6 +110,11 @@ fn check_dax(expect: bool) -> Result<String, StepError> {
 
 fn rxe_up() -> Result<String, StepError> {
     tool("ip", &["link", "set", "lo", "up"])?;
+    // A dummy netdev: guest-internal by construction (it drops what it
+    // transmits); rxe delivers traffic to its own address internally.
+    if !Path::new("/sys/class/net").join(NETDEV).exists() {
+        tool("ip", &["link", "add", NETDEV, "type", "dummy"])?;
+    }
     tool("ip", &["link", "set", NETDEV, "up"])?;
     tool("ip", &["addr", "add", &format!("{ADDR}/24"), "dev", NETDEV])?;
     tool("rdma", &["link", "add", RXE, "type", "rxe", "netdev", NETDEV])?;

@@ -6,6 +6,32 @@
 pub const MARK_RUNNER: &str = "PINLAB-RUNNER-START";
 /// Printed by the runner before each scenario: `PINLAB-SCENARIO S01 <title>`.
 pub const MARK_SCENARIO: &str = "PINLAB-SCENARIO ";
+/// Printed by the runner after each step: `PINLAB-STEP S05 3 ETXTBSY [other] name: detail`.
+pub const MARK_STEP: &str = "PINLAB-STEP ";
+
+/// A parsed step line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepLine<'a> {
+    /// Scenario id.
+    pub id: &'a str,
+    /// Step index (0-based).
+    pub index: usize,
+    /// Outcome.
+    pub outcome: &'a str,
+    /// `[proc] name: detail`.
+    pub rest: &'a str,
+}
+
+/// Parse a `PINLAB-STEP` line.
+pub fn step_line(line: &str) -> Option<StepLine<'_>> {
+    let rest = &line[line.find(MARK_STEP)? + MARK_STEP.len()..];
+    let mut it = rest.splitn(4, ' ');
+    let id = it.next()?;
+    let index = it.next()?.parse().ok()?;
+    let outcome = it.next()?;
+    Some(StepLine { id, index, outcome, rest: it.next().unwrap_or("") })
+}
+
 /// Printed by pinlab-init after the runner finished and results are synced.
 pub const MARK_DONE: &str = "PINLAB-DONE";
 
@@ -118,6 +144,15 @@ PINLAB-DONE
             assert_eq!(s[0].kind, kind, "{text}");
             assert!(s[0].line > CLEAN.lines().count(), "{text}");
         }
+    }
+
+    #[test]
+    fn step_lines() {
+        let l = step_line("PINLAB-STEP S05 3 ETXTBSY [other] truncate: truncate(/mnt/pmem/S05.dat, 0): busy").unwrap();
+        assert_eq!((l.id, l.index, l.outcome), ("S05", 3, "ETXTBSY"));
+        assert!(l.rest.starts_with("[other] truncate"));
+        assert_eq!(step_line("PINLAB-STEP S05 x ok"), None);
+        assert_eq!(step_line("random"), None);
     }
 
     #[test]

@@ -48,6 +48,8 @@ xflags::xflags! {
             optional --kernel-tree path: PathBuf
             /// Never install missing host packages; print the command instead.
             optional --no-install
+            /// Narrate each step as it happens: what is tried, what the kernel answered.
+            optional --explain
         }
 
         /// Boot the lab (DAX mounted, rxe up, demos on PATH) into a shell on this terminal.

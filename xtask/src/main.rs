@@ -73,6 +73,7 @@ fn real_main() -> Result<bool> {
                     kernel_tree: r.kernel_tree,
                     no_install: r.no_install,
                     demo,
+                    explain: r.explain,
                 },
             )
         }

@@ -32,6 +32,8 @@ pub struct RunOpts {
     pub no_install: bool,
     /// `run demo`.
     pub demo: bool,
+    /// `--explain`: narrate each step as it happens.
+    pub explain: bool,
 }
 
 /// Load every scenario spec from `tests/scenarios/`.
@@ -98,10 +100,31 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
                 plan.scenarios.len()
             );
             let pb = ui::spinner(format!("{label}: booting"));
+            let explain = opts.explain;
+            let flavor = k.flavor;
             let mut on_line = |line: &str| {
                 if let Some(rest) = line.split(crate::console::MARK_SCENARIO).nth(1) {
                     pb.set_message(format!("{label}: {rest}"));
-                    pb.println(format!("  {label}: {rest}"));
+                    ui::line(&pb, format!("  {label}: {rest}"));
+                    if explain {
+                        let id = rest.split_whitespace().next().unwrap_or("");
+                        if let Some(sp) = mine.iter().find(|s| s.id == id) {
+                            ui::line(&pb, format!("      {}", sp.shows));
+                        }
+                    }
+                } else if let Some(st) = crate::console::step_line(line).filter(|_| explain) {
+                    let expected = mine
+                        .iter()
+                        .find(|s| s.id == st.id)
+                        .and_then(|s| s.expected(flavor, fs).get(st.index).cloned().flatten())
+                        .map(|o| o.to_string())
+                        .unwrap_or_else(|| "not run".into());
+                    let (what, detail) = st.rest.split_once(": ").unwrap_or((st.rest, ""));
+                    let mark = if expected == st.outcome { "✓" } else { "✗" };
+                    ui::line(&pb, format!("    {what} → {} (expected {expected} {mark})", st.outcome));
+                    if !detail.is_empty() {
+                        ui::line(&pb, format!("        {detail}"));
+                    }
                 } else if line.contains(crate::console::MARK_RUNNER) {
                     pb.set_message(format!("{label}: runner started"));
                 }

@@ -26,3 +26,12 @@ pub fn spinner(msg: String) -> ProgressBar {
     pb.enable_steady_tick(Duration::from_millis(150));
     pb
 }
+
+/// Print a line above a bar or spinner; plainly when it is hidden (not a terminal).
+pub fn line(pb: &ProgressBar, msg: String) {
+    if pb.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        pb.println(msg);
+    }
+}

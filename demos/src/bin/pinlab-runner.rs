@@ -463,14 +463,15 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
         start = scene.spawn(Proc::Receiver);
     }
     let mut stopped = start.as_ref().err().map(|e| format!("workers did not start: {e}"));
-    for st in &sc.steps {
+    for (i, st) in sc.steps.iter().enumerate() {
         if stopped.is_some() {
             steps.push(StepResult { name: st.name.clone(), outcome: NOT_RUN.into(), detail: String::new(), ms: 0.0 });
             continue;
         }
         let t = Instant::now();
         let rec = record(&st.name, t, scene.step(st));
-        println!("pinlab-runner: {} [{}] {}: {} {}", sc.id, st.by.name(), rec.name, rec.outcome, rec.detail);
+        // Machine-readable for the host's --explain, readable for people.
+        println!("PINLAB-STEP {} {} {} [{}] {}: {}", sc.id, i, rec.outcome, st.by.name(), rec.name, rec.detail);
         if rec.outcome != "ok" && !st.probe {
             stopped = Some(String::new());
         }

@@ -16,12 +16,21 @@ xflags::xflags! {
 
         /// Build a kernel flavor (cached by a hash of source, patches and fragments).
         cmd kernel {
-            /// Kernel flavor: stock (default) or patched.
-            optional --flavor flavor: Flavor
-            /// Build this 6.12-ish source tree instead of the pinned Debian source.
-            optional --kernel-tree path: PathBuf
-            /// Never install missing host packages; print the command instead.
-            optional --no-install
+            /// Build a flavor's bzImage (the default).
+            default cmd build {
+                /// Kernel flavor: stock (default) or patched.
+                optional --flavor flavor: Flavor
+                /// Build this 6.12-ish source tree instead of the pinned Debian source.
+                optional --kernel-tree path: PathBuf
+                /// Never install missing host packages; print the command instead.
+                optional --no-install
+            }
+            /// Apply kernel-patches/ one at a time: build after each (incrementally) and run checkpatch --strict.
+            cmd check-series {}
+            /// Make (or show) a git tree with the series as commits, for editing and rebasing.
+            cmd edit {}
+            /// Write the edit tree's commits back to kernel-patches/ with git format-patch.
+            cmd export {}
         }
 
         /// Build the guest rootfs from pinned Debian packages plus the demos.

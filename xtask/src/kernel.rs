@@ -204,11 +204,61 @@ pub fn debian_source(cache: &Cache) -> Result<PathBuf> {
     Ok(tree)
 }
 
+/// `git -C tree …` with a fixed identity.
+pub fn git(tree: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("git");
+    c.arg("-C").arg(tree).args(["-c", "user.name=pinlab developers", "-c", "user.email=pinlab@localhost"]).args(args);
+    c
+}
+
+/// A git tree `cache/trees/NAME` holding the pristine source as one commit
+/// tagged `pinlab-base` (made once: copy + `git add` take a minute or two).
+pub fn base_tree(cache: &Cache, name: &str) -> Result<PathBuf> {
+    let tree = cache.dir("trees")?.join(name);
+    if tree.join(".git/pinlab-base").exists() {
+        return Ok(tree);
+    }
+    let pristine = debian_source(cache)?;
+    let pb = ui::spinner(format!("trees/{name}: copying the pristine source and committing it as the base"));
+    let staging = tree.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&staging);
+    let mut cp = Command::new("cp");
+    cp.arg("-a").arg(&pristine).arg(&staging);
+    util::output(cp)?;
+    let _ = std::fs::remove_file(staging.join(".pinlab-complete"));
+    util::output(git(&staging, &["init", "-q"]))?;
+    util::output(git(&staging, &["add", "-A"]))?;
+    util::output(git(&staging, &["commit", "-q", "-m", &format!("Debian {SOURCE_PACKAGE} {SOURCE_VERSION}")]))?;
+    util::output(git(&staging, &["tag", "-f", "pinlab-base"]))?;
+    std::fs::write(staging.join(".git/pinlab-base"), SOURCE_VERSION)?;
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::rename(&staging, &tree)?;
+    pb.finish_and_clear();
+    Ok(tree)
+}
+
+/// `git am` one patch of kernel-patches/ onto `tree` (aborting on failure).
+pub fn apply_patch(tree: &Path, name: &str) -> Result<()> {
+    let mut am = git(tree, &["am", "-q", "--keep-cr"]);
+    am.arg(util::project_root().join("kernel-patches").join(name));
+    if let Err(e) = util::output(am) {
+        util::output(git(tree, &["am", "--abort"])).ok();
+        return Err(e).with_context(|| format!("kernel-patches/{name} does not apply to {SOURCE_VERSION}"));
+    }
+    Ok(())
+}
+
+/// Reset `tree` to the pristine base.
+pub fn reset_to_base(tree: &Path) -> Result<()> {
+    util::output(git(tree, &["am", "--abort"])).ok();
+    util::output(git(tree, &["reset", "-q", "--hard", "pinlab-base"]))?;
+    Ok(())
+}
+
 /// A git tree of the pinned source with the series applied as commits
 /// (`cache/trees/patched`), reset and re-applied when the series changes.
-pub fn patched_tree(cache: &Cache, pristine: &Path, series: &[(String, Vec<u8>)]) -> Result<PathBuf> {
-    let trees = cache.dir("trees")?;
-    let tree = trees.join("patched");
+pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)]) -> Result<PathBuf> {
+    let tree = base_tree(cache, "patched")?;
     let mut h = KeyHasher::default();
     for (n, b) in series {
         h.part(n, b);
@@ -218,38 +268,88 @@ pub fn patched_tree(cache: &Cache, pristine: &Path, series: &[(String, Vec<u8>)]
     if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str()) {
         return Ok(tree);
     }
-    let git = |args: &[&str]| -> Command {
-        let mut c = Command::new("git");
-        c.arg("-C").arg(&tree).args(["-c", "user.name=pinlab", "-c", "user.email=pinlab@localhost"]).args(args);
-        c
-    };
-    if !tree.join(".git/pinlab-base").exists() {
-        let pb = ui::spinner("patched tree: copying the pristine source and committing it as the base".to_string());
-        let _ = std::fs::remove_dir_all(&tree);
-        let mut cp = Command::new("cp");
-        cp.arg("-a").arg(pristine).arg(&tree);
-        util::output(cp)?;
-        let _ = std::fs::remove_file(tree.join(".pinlab-complete"));
-        util::output(git(&["init", "-q"]))?;
-        util::output(git(&["add", "-A"]))?;
-        util::output(git(&["commit", "-q", "-m", &format!("Debian {SOURCE_PACKAGE} {SOURCE_VERSION}")]))?;
-        util::output(git(&["tag", "-f", "pinlab-base"]))?;
-        std::fs::write(tree.join(".git/pinlab-base"), SOURCE_VERSION)?;
-        pb.finish_and_clear();
-    }
-    util::output(git(&["am", "--abort"])).ok();
-    util::output(git(&["reset", "-q", "--hard", "pinlab-base"]))?;
-    let dir = util::project_root().join("kernel-patches");
+    let _ = std::fs::remove_file(&stamp);
+    reset_to_base(&tree)?;
     for (name, _) in series {
-        let mut am = git(&["am", "-q", "--keep-cr"]);
-        am.arg(dir.join(name));
-        if let Err(e) = util::output(am) {
-            util::output(git(&["am", "--abort"])).ok();
-            return Err(e).with_context(|| format!("kernel-patches/{name} does not apply to {SOURCE_VERSION}"));
-        }
+        apply_patch(&tree, name)?;
     }
     std::fs::write(&stamp, &key)?;
     Ok(tree)
+}
+
+/// `make -C srctree O=build_dir ARCH=x86_64 args…`, with ccache when present.
+pub fn make(cache: &Cache, srctree: &Path, build_dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("make");
+    c.current_dir(srctree)
+        .arg(format!("O={}", build_dir.display()))
+        .arg("ARCH=x86_64")
+        .args(args)
+        .env("KBUILD_BUILD_USER", "pinlab")
+        .env("KBUILD_BUILD_HOST", "pinlab");
+    if util::which("ccache").is_some() {
+        c.arg("CC=ccache gcc").env("CCACHE_DIR", cache.root.join("ccache"));
+    }
+    c
+}
+
+/// `.config` = tinyconfig + the fragments, then check nothing was dropped.
+pub fn configure(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, label: &str) -> Result<()> {
+    let fragments = read_fragments()?;
+    let wants = parse_fragments(&fragments)?;
+    let pb = ui::spinner(format!("{label}: configuring (tinyconfig + {} fragments)", fragments.len()));
+    util::run_logged(make(cache, srctree, build_dir, &["tinyconfig"]), log, |_| {})
+        .context("Failed to make tinyconfig")?;
+    let mut merge = Command::new(srctree.join("scripts/kconfig/merge_config.sh"));
+    merge.current_dir(srctree).env("ARCH", "x86_64").arg("-m").arg("-O").arg(build_dir).arg(build_dir.join(".config"));
+    for (f, _) in &fragments {
+        merge.arg(util::project_root().join(f));
+    }
+    util::run_logged(merge, log, |_| {}).context("Failed to merge the config fragments")?;
+    util::run_logged(make(cache, srctree, build_dir, &["olddefconfig"]), log, |_| {})
+        .context("Failed to make olddefconfig")?;
+    pb.finish_and_clear();
+    let config = std::fs::read_to_string(build_dir.join(".config"))?;
+    let dropped = dropped_options(&wants, &config);
+    if !dropped.is_empty() {
+        let lines: Vec<_> = dropped
+            .iter()
+            .map(|(w, got)| format!("  {}={} ({}:{}) ended up as {got}", w.name, w.value, w.file, w.line))
+            .collect();
+        bail!(
+            "{label}: Kconfig dropped {} option(s) the fragments ask for, probably due to unsatisfied dependencies:\n{}\n\
+             Add the missing dependencies to a fragment (see `make O={} menuconfig`, search with /).",
+            dropped.len(),
+            lines.join("\n"),
+            build_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// `make bzImage` with a progress bar (compiled objects vs the count the
+/// last full build saw); returns the number of objects compiled.
+pub fn compile(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, label: &str) -> Result<u64> {
+    let count_file = build_dir.join(".pinlab-objects");
+    let expected =
+        std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(DEFAULT_OBJECTS);
+    let pb = ui::bar(expected, format!("{label}: compiling"));
+    let mut n = 0u64;
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    util::run_logged(make(cache, srctree, build_dir, &[&format!("-j{jobs}"), "bzImage"]), log, |line| {
+        if line.starts_with("  CC ") || line.starts_with("  AS ") {
+            n += 1;
+            pb.set_position(n.min(expected));
+            if let Some(obj) = line.split_whitespace().nth(1) {
+                pb.set_message(format!("{label}: {obj}"));
+            }
+        }
+    })
+    .with_context(|| format!("{label}: build failed; the full log is {}", log.display()))?;
+    pb.finish_and_clear();
+    if n > expected / 2 {
+        std::fs::write(&count_file, n.to_string())?;
+    }
+    Ok(n)
 }
 
 /// The cache key of a flavor's kernel.
@@ -268,7 +368,7 @@ pub fn cache_key(source_id: &str, series: &[(String, Vec<u8>)], fragments: &[(St
 /// Build (or find in the cache) `flavor`'s bzImage.
 pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
     let fragments = read_fragments()?;
-    let wants = parse_fragments(&fragments)?;
+    parse_fragments(&fragments)?;
     let series = match flavor {
         Flavor::Stock => Vec::new(),
         Flavor::Patched => {
@@ -281,10 +381,9 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
     };
     let (srctree, source_id, build_name) = match source {
         Source::Debian => {
-            let pristine = debian_source(cache)?;
             let tree = match flavor {
-                Flavor::Stock => pristine,
-                Flavor::Patched => patched_tree(cache, &pristine, &series)?,
+                Flavor::Stock => debian_source(cache)?,
+                Flavor::Patched => patched_tree(cache, &series)?,
             };
             (tree, format!("debian:{SOURCE_PACKAGE}={SOURCE_VERSION}"), flavor.name().to_string())
         }
@@ -317,74 +416,8 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
     let t = Instant::now();
     eprintln!("kernel {flavor}: building in {} (log: {})", build_dir.display(), log.display());
 
-    let make = |args: &[&str]| -> Command {
-        let mut c = Command::new("make");
-        c.current_dir(&srctree)
-            .arg(format!("O={}", build_dir.display()))
-            .arg("ARCH=x86_64")
-            .args(args)
-            .env("KBUILD_BUILD_USER", "pinlab")
-            .env("KBUILD_BUILD_HOST", "pinlab");
-        if util::which("ccache").is_some() {
-            c.arg("CC=ccache gcc").env("CCACHE_DIR", cache.root.join("ccache"));
-        }
-        c
-    };
-
-    // Configure: tinyconfig + fragments, then check nothing was dropped.
-    let pb = ui::spinner(format!("kernel {flavor}: configuring (tinyconfig + {} fragments)", fragments.len()));
-    util::run_logged(make(&["tinyconfig"]), &log, |_| {}).context("Failed to make tinyconfig")?;
-    let mut merge = Command::new(srctree.join("scripts/kconfig/merge_config.sh"));
-    merge
-        .current_dir(&srctree)
-        .env("ARCH", "x86_64")
-        .arg("-m")
-        .arg("-O")
-        .arg(&build_dir)
-        .arg(build_dir.join(".config"));
-    for (f, _) in &fragments {
-        merge.arg(util::project_root().join(f));
-    }
-    util::run_logged(merge, &log, |_| {}).context("Failed to merge the config fragments")?;
-    util::run_logged(make(&["olddefconfig"]), &log, |_| {}).context("Failed to make olddefconfig")?;
-    pb.finish_and_clear();
-    let config = std::fs::read_to_string(build_dir.join(".config"))?;
-    let dropped = dropped_options(&wants, &config);
-    if !dropped.is_empty() {
-        let lines: Vec<_> = dropped
-            .iter()
-            .map(|(w, got)| format!("  {}={} ({}:{}) ended up as {got}", w.name, w.value, w.file, w.line))
-            .collect();
-        bail!(
-            "kernel {flavor}: Kconfig dropped {} option(s) the fragments ask for, probably due to unsatisfied dependencies:\n{}\n\
-             Add the missing dependencies to a fragment (see `make O={} menuconfig`, search with /).",
-            dropped.len(),
-            lines.join("\n"),
-            build_dir.display()
-        );
-    }
-
-    // Build with a progress bar: compiled objects vs the count the last full build saw.
-    let count_file = build_dir.join(".pinlab-objects");
-    let expected =
-        std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(DEFAULT_OBJECTS);
-    let pb = ui::bar(expected, format!("kernel {flavor}: compiling"));
-    let mut n = 0u64;
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-    util::run_logged(make(&[&format!("-j{jobs}"), "bzImage"]), &log, |line| {
-        if line.starts_with("  CC ") || line.starts_with("  AS ") {
-            n += 1;
-            pb.set_position(n.min(expected));
-            if let Some(obj) = line.split_whitespace().nth(1) {
-                pb.set_message(format!("kernel {flavor}: {obj}"));
-            }
-        }
-    })
-    .with_context(|| format!("kernel {flavor}: build failed; the full log is {}", log.display()))?;
-    pb.finish_and_clear();
-    if n > expected / 2 {
-        std::fs::write(&count_file, n.to_string())?;
-    }
+    configure(cache, &srctree, &build_dir, &log, &format!("kernel {flavor}"))?;
+    let n = compile(cache, &srctree, &build_dir, &log, &format!("kernel {flavor}"))?;
     let built = build_dir.join("arch/x86/boot/bzImage");
     let staging = out_dir.with_extension("tmp");
     let _ = std::fs::remove_dir_all(&staging);

@@ -12,6 +12,7 @@ mod kvm;
 mod qemu;
 mod report;
 mod run;
+mod series;
 mod test;
 mod ui;
 mod util;
@@ -38,16 +39,24 @@ fn real_main() -> Result<bool> {
     std::env::set_current_dir(util::project_root())?;
     match flags.subcommand {
         flags::XtaskCmd::Doctor(_) => host::doctor(&cache).map(|()| true),
-        flags::XtaskCmd::Kernel(k) => {
-            host::ensure(&[host::Need::Kernel, host::Need::Image], k.no_install)?;
-            let source = match k.kernel_tree {
-                Some(p) => kernel::Source::Tree(p),
-                None => kernel::Source::Debian,
-            };
-            let built = kernel::build(&cache, k.flavor.unwrap_or(pinlab_scenarios::Flavor::Stock), &source)?;
-            println!("{}", built.bzimage.display());
-            Ok(true)
-        }
+        flags::XtaskCmd::Kernel(k) => match k.subcommand {
+            flags::KernelCmd::Build(k) => {
+                host::ensure(&[host::Need::Kernel, host::Need::Image], k.no_install)?;
+                let source = match k.kernel_tree {
+                    Some(p) => kernel::Source::Tree(p),
+                    None => kernel::Source::Debian,
+                };
+                let built = kernel::build(&cache, k.flavor.unwrap_or(pinlab_scenarios::Flavor::Stock), &source)?;
+                println!("{}", built.bzimage.display());
+                Ok(true)
+            }
+            flags::KernelCmd::CheckSeries(_) => {
+                host::ensure(&[host::Need::Kernel, host::Need::Image], false)?;
+                series::check(&cache)
+            }
+            flags::KernelCmd::Edit(_) => series::edit(&cache).map(|()| true),
+            flags::KernelCmd::Export(_) => series::export(&cache).map(|()| true),
+        },
         flags::XtaskCmd::Image(i) => {
             host::ensure(&[host::Need::Image, host::Need::Demos], i.no_install)?;
             if i.update_lock {

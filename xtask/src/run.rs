@@ -81,108 +81,50 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
         accel.name()
     );
 
+    // Boots are independent. Each TCG guest keeps two host threads busy, so
+    // run as many at once as there are pairs of cores (one at a time on 2).
+    let parallel = std::env::var("PINLAB_PARALLEL")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1))
+        .max(1);
+    let jobs: Vec<(&kernel::Kernel, Fs)> = kernels
+        .iter()
+        .flat_map(|k| fss.iter().map(move |&fs| (k, fs)))
+        .filter(|(_, fs)| specs.iter().any(|s| s.runs_on(*fs)))
+        .collect();
+    let mp = indicatif::MultiProgress::new();
+    let mut outcomes = Vec::new();
+    for batch in jobs.chunks(parallel) {
+        let results: Vec<Result<(Vec<CellResult>, BootRecord)>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|(k, fs)| {
+                    let ctx = BootCtx {
+                        cache,
+                        specs: &specs,
+                        rootfs: &rootfs,
+                        run_dir: &run_dir,
+                        accel,
+                        explain: opts.explain,
+                        mp: &mp,
+                    };
+                    sc.spawn(move || run_boot(&ctx, k, *fs))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a boot thread panicked"))))
+                .collect()
+        });
+        outcomes.extend(results);
+    }
     let mut cells: Vec<CellResult> = Vec::new();
     let mut boots = Vec::new();
-    for k in &kernels {
-        for &fs in &fss {
-            let mine: Vec<&Scenario> = specs.iter().filter(|s| s.runs_on(fs)).collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let plan = Plan { flavor: k.flavor, fs, scenarios: mine.iter().map(|s| s.planned()).collect() };
-            let dir = run_dir.join(format!("{}-{}", k.flavor, fs));
-            std::fs::create_dir_all(&dir)?;
-            let label = format!("boot {}/{}", k.flavor, fs);
-            eprintln!(
-                "{label}: booting {} under {} ({} scenarios)",
-                k.bzimage.display(),
-                accel.name(),
-                plan.scenarios.len()
-            );
-            let pb = ui::spinner(format!("{label}: booting"));
-            let explain = opts.explain;
-            let flavor = k.flavor;
-            let mut on_line = |line: &str| {
-                if let Some(rest) = line.split(crate::console::MARK_SCENARIO).nth(1) {
-                    pb.set_message(format!("{label}: {rest}"));
-                    ui::line(&pb, format!("  {label}: {rest}"));
-                    if explain {
-                        let id = rest.split_whitespace().next().unwrap_or("");
-                        if let Some(sp) = mine.iter().find(|s| s.id == id) {
-                            ui::line(&pb, format!("      {}", sp.shows));
-                        }
-                    }
-                } else if let Some(st) = crate::console::step_line(line).filter(|_| explain) {
-                    let expected = mine
-                        .iter()
-                        .find(|s| s.id == st.id)
-                        .and_then(|s| s.expected(flavor, fs).get(st.index).cloned().flatten())
-                        .map(|o| o.to_string())
-                        .unwrap_or_else(|| "not run".into());
-                    let (what, detail) = st.rest.split_once(": ").unwrap_or((st.rest, ""));
-                    let mark = if expected == st.outcome { "✓" } else { "✗" };
-                    ui::line(&pb, format!("    {what} → {} (expected {expected} {mark})", st.outcome));
-                    if !detail.is_empty() {
-                        ui::line(&pb, format!("        {detail}"));
-                    }
-                } else if line.contains(crate::console::MARK_RUNNER) {
-                    pb.set_message(format!("{label}: runner started"));
-                }
-            };
-            let outcome = vm::boot(
-                cache,
-                BootSpec {
-                    kernel: &k.bzimage,
-                    rootfs: &rootfs,
-                    dir: &dir,
-                    plan: &plan,
-                    accel,
-                    deadlines: Deadlines::for_plan(accel, &plan),
-                    on_line: &mut on_line,
-                },
-            )?;
-            pb.finish_and_clear();
-            eprintln!(
-                "{label}: {} in {} (runner started at {})",
-                if outcome.failure.is_none() && outcome.splats.is_empty() { "done" } else { "FAILED" },
-                util::fmt_duration(outcome.wall),
-                outcome.to_runner.map(util::fmt_duration).unwrap_or_else(|| "—".into())
-            );
-            let boot_ok = outcome.failure.is_none() && outcome.splats.is_empty();
-            for s in &mine {
-                let got = outcome.results.as_ref().and_then(|r| r.scenarios.iter().find(|x| x.id == s.id));
-                let mut c = results::check(s, k.flavor, fs, got);
-                // A splat or a dead boot fails every cell of that boot.
-                c.pass &= boot_ok;
-                cells.push(c);
-            }
-            let rel = |p: &std::path::Path| p.strip_prefix(&run_dir).unwrap_or(p).display().to_string();
-            boots.push(BootRecord {
-                flavor: k.flavor,
-                fs,
-                kernel: outcome.results.as_ref().map(|r| r.kernel.clone()).unwrap_or_default(),
-                kernel_key: k.key.clone(),
-                wall_s: outcome.wall.as_secs_f64(),
-                to_runner_s: outcome.to_runner.map(|d| d.as_secs_f64()),
-                console: rel(&outcome.console),
-                splats: outcome
-                    .splats
-                    .iter()
-                    .map(|s| format!("{} at console.log:{}: {}", s.kind, s.line, s.text))
-                    .collect(),
-                failure: outcome.failure.clone(),
-                setup: outcome
-                    .results
-                    .as_ref()
-                    .map(|r| r.setup.iter().map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)).collect())
-                    .unwrap_or_default(),
-                fsck: outcome
-                    .results
-                    .as_ref()
-                    .and_then(|r| r.fsck.as_ref())
-                    .map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)),
-            });
-        }
+    for r in outcomes {
+        let (c, b) = r?;
+        cells.extend(c);
+        boots.push(b);
     }
     let pass = cells.iter().all(|c| c.pass) && boots.iter().all(|b| b.failure.is_none() && b.splats.is_empty());
     let res = RunResults {
@@ -218,4 +160,107 @@ pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>) -> Res
     std::fs::create_dir_all(&dir)?;
     let plan = Plan { flavor, fs, scenarios: Vec::new() };
     vm::shell(cache, &k.bzimage, &rootfs, &dir, &plan, accel)
+}
+
+/// What every boot of a run shares.
+struct BootCtx<'a> {
+    cache: &'a Cache,
+    specs: &'a [Scenario],
+    rootfs: &'a std::path::Path,
+    run_dir: &'a std::path::Path,
+    accel: Accel,
+    explain: bool,
+    mp: &'a indicatif::MultiProgress,
+}
+
+/// One boot: plan, boot, compare.
+fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellResult>, BootRecord)> {
+    let (cache, run_dir, accel) = (ctx.cache, ctx.run_dir, ctx.accel);
+    let mine: Vec<&Scenario> = ctx.specs.iter().filter(|s| s.runs_on(fs)).collect();
+    let plan = Plan { flavor: k.flavor, fs, scenarios: mine.iter().map(|s| s.planned()).collect() };
+    let dir = run_dir.join(format!("{}-{}", k.flavor, fs));
+    std::fs::create_dir_all(&dir)?;
+    let label = format!("boot {}/{}", k.flavor, fs);
+    eprintln!("{label}: booting {} under {} ({} scenarios)", k.bzimage.display(), accel.name(), plan.scenarios.len());
+    let pb = ctx.mp.add(ui::spinner(format!("{label}: booting")));
+    let explain = ctx.explain;
+    let flavor = k.flavor;
+    let mut on_line = |line: &str| {
+        if let Some(rest) = line.split(crate::console::MARK_SCENARIO).nth(1) {
+            pb.set_message(format!("{label}: {rest}"));
+            ui::line(&pb, format!("  {label}: {rest}"));
+            if explain {
+                let id = rest.split_whitespace().next().unwrap_or("");
+                if let Some(sp) = mine.iter().find(|s| s.id == id) {
+                    ui::line(&pb, format!("      {}", sp.shows));
+                }
+            }
+        } else if let Some(st) = crate::console::step_line(line).filter(|_| explain) {
+            let expected = mine
+                .iter()
+                .find(|s| s.id == st.id)
+                .and_then(|s| s.expected(flavor, fs).get(st.index).cloned().flatten())
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| "not run".into());
+            let (what, detail) = st.rest.split_once(": ").unwrap_or((st.rest, ""));
+            let mark = if expected == st.outcome { "✓" } else { "✗" };
+            ui::line(&pb, format!("    {what} → {} (expected {expected} {mark})", st.outcome));
+            if !detail.is_empty() {
+                ui::line(&pb, format!("        {detail}"));
+            }
+        } else if line.contains(crate::console::MARK_RUNNER) {
+            pb.set_message(format!("{label}: runner started"));
+        }
+    };
+    let outcome = vm::boot(
+        cache,
+        BootSpec {
+            kernel: &k.bzimage,
+            rootfs: ctx.rootfs,
+            dir: &dir,
+            plan: &plan,
+            accel,
+            deadlines: Deadlines::for_plan(accel, &plan),
+            on_line: &mut on_line,
+        },
+    )?;
+    pb.finish_and_clear();
+    eprintln!(
+        "{label}: {} in {} (runner started at {})",
+        if outcome.failure.is_none() && outcome.splats.is_empty() { "done" } else { "FAILED" },
+        util::fmt_duration(outcome.wall),
+        outcome.to_runner.map(util::fmt_duration).unwrap_or_else(|| "—".into())
+    );
+    let boot_ok = outcome.failure.is_none() && outcome.splats.is_empty();
+    let mut cells = Vec::new();
+    for s in &mine {
+        let got = outcome.results.as_ref().and_then(|r| r.scenarios.iter().find(|x| x.id == s.id));
+        let mut c = results::check(s, k.flavor, fs, got);
+        // A splat or a dead boot fails every cell of that boot.
+        c.pass &= boot_ok;
+        cells.push(c);
+    }
+    let rel = |p: &std::path::Path| p.strip_prefix(run_dir).unwrap_or(p).display().to_string();
+    let boot = BootRecord {
+        flavor: k.flavor,
+        fs,
+        kernel: outcome.results.as_ref().map(|r| r.kernel.clone()).unwrap_or_default(),
+        kernel_key: k.key.clone(),
+        wall_s: outcome.wall.as_secs_f64(),
+        to_runner_s: outcome.to_runner.map(|d| d.as_secs_f64()),
+        console: rel(&outcome.console),
+        splats: outcome.splats.iter().map(|s| format!("{} at console.log:{}: {}", s.kind, s.line, s.text)).collect(),
+        failure: outcome.failure.clone(),
+        setup: outcome
+            .results
+            .as_ref()
+            .map(|r| r.setup.iter().map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)).collect())
+            .unwrap_or_default(),
+        fsck: outcome
+            .results
+            .as_ref()
+            .and_then(|r| r.fsck.as_ref())
+            .map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)),
+    };
+    Ok((cells, boot))
 }

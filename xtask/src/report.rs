@@ -58,33 +58,46 @@ fn cell_fs(spec: &Scenario, fs: Fs) -> String {
     }
 }
 
-/// The terminal table: one row per scenario × flavor × filesystem.
+/// The terminal table: scenario rows × (stock, patched) × (ext4, xfs)
+/// columns, each cell ✓/✗ with the errno actually observed (and, when it
+/// disagrees, the expected one), then the one line each scenario shows.
 pub fn table(specs: &[Scenario], r: &RunResults) -> String {
+    const W: usize = 22;
     let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<4} {:<8} {:<5} {:<12} {:<12} {:<2} what it shows",
-        "id", "kernel", "fs", "expected", "actual", ""
-    );
+    let _ = write!(s, "{:<4}", "id");
+    for fl in Flavor::ALL {
+        for fs in Fs::ALL {
+            let _ = write!(s, " {:<W$}", format!("{fl}/{fs}"));
+        }
+    }
+    s.push('\n');
     for spec in specs {
-        for c in r.results.iter().filter(|c| c.scenario == spec.id) {
-            let mark = if c.pass { "✓" } else { "✗" };
-            let shows: String = spec.shows.chars().take(80).collect();
-            let ell = if spec.shows.chars().count() > 80 { "…" } else { "" };
-            let _ = writeln!(
-                s,
-                "{:<4} {:<8} {:<5} {:<12} {:<12} {mark}  {shows}{ell}",
-                c.scenario,
-                c.flavor.to_string(),
-                cell_fs(spec, c.fs),
-                c.expected_verdict(),
-                c.verdict()
-            );
-            if !c.pass {
-                let _ = writeln!(s, "{:>33} {}", "↳", c.headline());
+        let _ = write!(s, "{:<4}", spec.id);
+        for fl in Flavor::ALL {
+            for fs in Fs::ALL {
+                let text = if !spec.uses_fs && fs != Fs::Ext4 {
+                    "(no fs)".to_string()
+                } else {
+                    match r.results.iter().find(|c| c.scenario == spec.id && c.flavor == fl && c.fs == fs) {
+                        None => "·".to_string(),
+                        Some(c) if c.pass => format!("✓ {}", c.verdict()),
+                        Some(c) => format!("✗ {} (want {})", c.verdict(), c.expected_verdict()),
+                    }
+                };
+                let pad = W.saturating_sub(text.chars().count());
+                let _ = write!(s, " {text}{}", " ".repeat(pad));
+            }
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(s, "     {}", spec.shows);
+        for c in r.results.iter().filter(|c| c.scenario == spec.id && !c.pass) {
+            let _ = writeln!(s, "     ✗ {}/{}: {}", c.flavor, cell_fs(spec, c.fs), c.headline());
+            if let Some(i) = &c.isolation {
+                let _ = writeln!(s, "       isolation: {i}");
             }
         }
     }
+    let _ = writeln!(s, "(✓ = the errno DESIGN.md expects; · = flavor not run; (no fs) = scenario without a filesystem, run once per kernel)");
     for b in &r.boots {
         if let Some(f) = &b.failure {
             let _ = writeln!(s, "boot {}/{} FAILED: {f}", b.flavor, b.fs);

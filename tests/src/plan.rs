@@ -15,6 +15,11 @@ pub struct Plan {
     pub fs: Fs,
     /// Scenarios to run, in order.
     pub scenarios: Vec<PlannedScenario>,
+    /// Host paths of kselftest binaries (the series' uapi tests); the host
+    /// copies them to `selftests/` on the share and the runner runs them
+    /// after setup, before the scenarios.
+    #[serde(default)]
+    pub selftests: Vec<String>,
 }
 
 /// A scenario as the guest sees it.
@@ -432,6 +437,7 @@ mod tests {
         let plan = Plan {
             flavor: Flavor::Stock,
             fs: Fs::Xfs,
+            selftests: Vec::new(),
             scenarios: vec![PlannedScenario {
                 id: "S02".into(),
                 title: "t".into(),

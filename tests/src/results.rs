@@ -23,6 +23,9 @@ pub struct BootResults {
     /// on the unmounted filesystem); `None` if the runner did not get there.
     #[serde(default)]
     pub fsck: Option<StepResult>,
+    /// kselftest results, one per TAP test line: outcome `ok`, `skip` or `fail`.
+    #[serde(default)]
+    pub selftests: Vec<StepResult>,
 }
 
 /// A scenario as run.

@@ -172,18 +172,26 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
     }
 
     // Boots.
-    s.push_str("<h2>The boots</h2>\n<table><tr><th>kernel / fs</th><th>uname -r</th><th>wall</th><th>to runner</th><th>fsck</th><th>console</th><th>problems</th></tr>\n");
+    s.push_str("<h2>The boots</h2>\n<table><tr><th>kernel / fs</th><th>uname -r</th><th>wall</th><th>to runner</th><th>fsck</th><th>selftests</th><th>console</th><th>problems</th></tr>\n");
     for b in &r.boots {
         let problems: Vec<String> = b.failure.iter().cloned().chain(b.splats.iter().cloned()).collect();
         let _ = writeln!(
             s,
-            "<tr><td>{}/{}</td><td class=\"mono\">{}</td><td>{:.1} s</td><td>{}</td><td class=\"small\">{}</td><td><a href=\"{c}\">{c}</a></td><td class=\"{}\">{}</td></tr>",
+            "<tr><td>{}/{}</td><td class=\"mono\">{}</td><td>{:.1} s</td><td>{}</td><td class=\"small\">{}</td><td class=\"small\">{}</td><td><a href=\"{c}\">{c}</a></td><td class=\"{}\">{}</td></tr>",
             b.flavor,
             b.fs,
             esc(&b.kernel),
             b.wall_s,
             b.to_runner_s.map(|t| format!("{t:.1} s")).unwrap_or_else(|| "—".into()),
             esc(b.fsck.as_deref().unwrap_or("—")),
+            {
+                let count = |o: &str| b.selftests.iter().filter(|t| t.ends_with(&format!(": {o}"))).count();
+                if b.selftests.is_empty() {
+                    "—".to_string()
+                } else {
+                    format!("{} ok, {} skipped, {} failed", count("ok"), count("skip"), count("fail"))
+                }
+            },
             if problems.is_empty() { "ok" } else { "bad" },
             if problems.is_empty() { "none".to_string() } else { esc(&problems.join("; ")) },
             c = esc(&b.console)

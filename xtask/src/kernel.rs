@@ -35,6 +35,50 @@ pub struct Kernel {
     pub bzimage: PathBuf,
     /// The cache key it was built under.
     pub key: String,
+    /// The series' kselftests built against this tree's uapi headers (empty for stock).
+    pub selftests: Vec<PathBuf>,
+}
+
+/// Where the series keeps its uapi selftests (kselftest harness, TAP output).
+pub const SELFTEST_DIRS: &[&str] = &["tools/testing/selftests/filesystems/layout_leases"];
+
+/// Build every `*.c` of [`SELFTEST_DIRS`] present in `srctree` into `out`,
+/// against the tree's exported uapi headers (`make headers`).
+fn build_selftests(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, out: &Path) -> Result<()> {
+    let mut sources = Vec::new();
+    for d in SELFTEST_DIRS {
+        let Ok(rd) = std::fs::read_dir(srctree.join(d)) else { continue };
+        for e in rd {
+            let p = e?.path();
+            if p.extension().and_then(|x| x.to_str()) == Some("c") {
+                sources.push(p);
+            }
+        }
+    }
+    if sources.is_empty() {
+        return Ok(());
+    }
+    util::run_logged(make(cache, srctree, build_dir, &["headers"]), log, |_| {}).context("Failed to make headers")?;
+    std::fs::create_dir_all(out)?;
+    for src in sources {
+        let name = src.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let mut cc = Command::new("gcc");
+        cc.args(["-Wall", "-O2", "-g", "-isystem"])
+            .arg(build_dir.join("usr/include"))
+            .arg("-o")
+            .arg(out.join(&name))
+            .arg(&src);
+        util::run_logged(cc, log, |_| {}).with_context(|| format!("Failed to build the selftest {}", src.display()))?;
+    }
+    Ok(())
+}
+
+fn selftests_in(out_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(out_dir.join("selftests"))
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| util::is_executable(p)).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 /// Where a flavor's source comes from.
@@ -407,7 +451,7 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
     let bzimage = out_dir.join("bzImage");
     if bzimage.exists() {
         eprintln!("kernel {flavor}: cached {} (key {key})", bzimage.display());
-        return Ok(Kernel { flavor, bzimage, key });
+        return Ok(Kernel { flavor, bzimage, key, selftests: selftests_in(&out_dir) });
     }
     let build_dir = cache.dir("build")?.join(&build_name);
     std::fs::create_dir_all(&build_dir)?;
@@ -424,11 +468,12 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
     std::fs::create_dir_all(&staging)?;
     std::fs::copy(&built, staging.join("bzImage")).with_context(|| format!("Failed to copy {}", built.display()))?;
     std::fs::copy(build_dir.join(".config"), staging.join("config"))?;
+    build_selftests(cache, &srctree, &build_dir, &log, &staging.join("selftests"))?;
     std::fs::copy(&log, staging.join("build.log"))?;
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::rename(&staging, &out_dir)?;
     eprintln!("kernel {flavor}: built {} in {} ({n} objects compiled)", bzimage.display(), util::since(t));
-    Ok(Kernel { flavor, bzimage, key })
+    Ok(Kernel { flavor, bzimage, key, selftests: selftests_in(&out_dir) })
 }
 
 #[cfg(test)]

@@ -31,6 +31,8 @@ pub struct BootRecord {
     pub setup: Vec<String>,
     /// The end-of-boot filesystem check: `name: outcome (detail)`.
     pub fsck: Option<String>,
+    /// kselftest results: `name: ok|skip|fail`.
+    pub selftests: Vec<String>,
 }
 
 /// `results.json`.
@@ -160,6 +162,9 @@ pub fn markdown(specs: &[Scenario], r: &RunResults) -> String {
         }
         if let Some(f) = &b.fsck {
             let _ = writeln!(s, "  - fsck: {f}");
+        }
+        for t in &b.selftests {
+            let _ = writeln!(s, "  - selftest {t}");
         }
     }
     let _ = writeln!(s, "\n## Scenarios\n");

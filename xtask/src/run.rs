@@ -65,6 +65,8 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
         kernels.push(kernel::build(cache, f, &source)?);
     }
     let rootfs = crate::image::build(cache)?;
+    let selftests: Vec<std::path::PathBuf> =
+        kernels.iter().find(|k| !k.selftests.is_empty()).map(|k| k.selftests.clone()).unwrap_or_default();
 
     let run_id = util::utc_stamp(SystemTime::now());
     let runs = util::target_dir().join("runs");
@@ -104,6 +106,7 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
                         cache,
                         specs: &specs,
                         rootfs: &rootfs,
+                        selftests: &selftests,
                         run_dir: &run_dir,
                         accel,
                         explain: opts.explain,
@@ -158,7 +161,8 @@ pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>) -> Res
     let rootfs = crate::image::build(cache)?;
     let dir = util::target_dir().join("shell").join(format!("{flavor}-{fs}"));
     std::fs::create_dir_all(&dir)?;
-    let plan = Plan { flavor, fs, scenarios: Vec::new() };
+    let selftests = k.selftests.iter().map(|p| p.display().to_string()).collect();
+    let plan = Plan { flavor, fs, scenarios: Vec::new(), selftests };
     vm::shell(cache, &k.bzimage, &rootfs, &dir, &plan, accel)
 }
 
@@ -167,6 +171,9 @@ struct BootCtx<'a> {
     cache: &'a Cache,
     specs: &'a [Scenario],
     rootfs: &'a std::path::Path,
+    /// The series' kselftests (from the patched kernel), run on every boot:
+    /// they must pass on patched and skip cleanly on stock.
+    selftests: &'a [std::path::PathBuf],
     run_dir: &'a std::path::Path,
     accel: Accel,
     explain: bool,
@@ -177,7 +184,12 @@ struct BootCtx<'a> {
 fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellResult>, BootRecord)> {
     let (cache, run_dir, accel) = (ctx.cache, ctx.run_dir, ctx.accel);
     let mine: Vec<&Scenario> = ctx.specs.iter().filter(|s| s.runs_on(fs)).collect();
-    let plan = Plan { flavor: k.flavor, fs, scenarios: mine.iter().map(|s| s.planned()).collect() };
+    let plan = Plan {
+        flavor: k.flavor,
+        fs,
+        scenarios: mine.iter().map(|s| s.planned()).collect(),
+        selftests: ctx.selftests.iter().map(|p| p.display().to_string()).collect(),
+    };
     let dir = run_dir.join(format!("{}-{}", k.flavor, fs));
     std::fs::create_dir_all(&dir)?;
     let label = format!("boot {}/{}", k.flavor, fs);
@@ -255,6 +267,11 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
             .results
             .as_ref()
             .map(|r| r.setup.iter().map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)).collect())
+            .unwrap_or_default(),
+        selftests: outcome
+            .results
+            .as_ref()
+            .map(|r| r.selftests.iter().map(|s| format!("{}: {}", s.name, s.outcome)).collect())
             .unwrap_or_default(),
         fsck: outcome
             .results

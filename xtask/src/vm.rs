@@ -195,6 +195,15 @@ fn prepare(
     let _ = std::fs::remove_dir_all(&share);
     std::fs::create_dir_all(&share)?;
     std::fs::write(share.join("plan.json"), serde_json::to_vec_pretty(plan)?)?;
+    if !plan.selftests.is_empty() {
+        std::fs::create_dir_all(share.join("selftests"))?;
+        for t in &plan.selftests {
+            let src = Path::new(t);
+            let name = src.file_name().context("selftest without a file name")?;
+            std::fs::copy(src, share.join("selftests").join(name))
+                .with_context(|| format!("Failed to copy the selftest {}", src.display()))?;
+        }
+    }
     // Sockets need a short path (108 bytes); the NVDIMM files are sparse.
     let tmp = tempfile::Builder::new().prefix("pinlab-vm-").tempdir().context("Failed to create a temp dir")?;
     let pmem = tmp.path().join("pmem0.img");
@@ -330,6 +339,17 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
     };
     if results.is_none() && failure.is_none() {
         failure = Some(format!("the guest wrote no {}", results_path.display()));
+    }
+    if failure.is_none() {
+        let failed: Vec<String> = results
+            .iter()
+            .flat_map(|r| r.selftests.iter())
+            .filter(|t| t.outcome != "ok" && t.outcome != "skip")
+            .map(|t| format!("{} ({})", t.name, t.detail))
+            .collect();
+        if !failed.is_empty() {
+            failure = Some(format!("selftests failed: {}", failed.join("; ")));
+        }
     }
     if failure.is_none() {
         match results.as_ref().and_then(|r| r.fsck.as_ref()) {

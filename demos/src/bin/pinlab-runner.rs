@@ -488,6 +488,64 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
     ScenarioResult { id: sc.id.clone(), steps, ms: t0.elapsed().as_secs_f64() * 1000.0, isolation }
 }
 
+/// Run every kselftest binary in `dir` on the DAX mount and turn its TAP
+/// lines into results: `ok`, `skip` (`ok … # SKIP`) or `fail` (`not ok`).
+fn run_selftests(dir: &Path) -> Vec<StepResult> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut bins: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    bins.sort();
+    let mut out = Vec::new();
+    for b in bins {
+        let name = b.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let t = Instant::now();
+        let run = Command::new(&b).env("LAYOUT_LEASE_DIR", PMEM_MNT).current_dir(PMEM_MNT).output();
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        let o = match run {
+            Ok(o) => o,
+            Err(e) => {
+                out.push(StepResult { name, outcome: "fail".into(), detail: format!("cannot run: {e}"), ms });
+                continue;
+            }
+        };
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let mut n = 0;
+        for line in text.lines() {
+            let (ok, rest) = if let Some(r) = line.strip_prefix("not ok ") {
+                (false, r)
+            } else if let Some(r) = line.strip_prefix("ok ") {
+                (true, r)
+            } else {
+                continue;
+            };
+            n += 1;
+            let test = rest.split_once(' ').map(|(_, t)| t).unwrap_or(rest);
+            let (test, directive) = test.split_once(" # ").unwrap_or((test, ""));
+            let outcome = match (ok, directive.to_uppercase().starts_with("SKIP")) {
+                (true, true) => "skip",
+                (true, false) => "ok",
+                (false, _) => "fail",
+            };
+            println!("pinlab-runner: selftest {name} {test}: {outcome} {directive}");
+            out.push(StepResult {
+                name: format!("{name}: {test}"),
+                outcome: outcome.into(),
+                detail: directive.to_string(),
+                ms,
+            });
+        }
+        // kselftest exit codes: 0 pass, 4 (KSFT_SKIP) everything skipped.
+        if n == 0 || !matches!(o.status.code(), Some(0) | Some(4)) {
+            out.push(StepResult {
+                name,
+                outcome: "fail".into(),
+                detail: format!("exit {}; {} TAP lines; {}", o.status, n, String::from_utf8_lossy(&o.stderr).trim()),
+                ms,
+            });
+        }
+    }
+    out
+}
+
 fn write_results(path: &Path, r: &BootResults) {
     let tmp = path.with_extension("tmp");
     let ok = serde_json::to_vec_pretty(r)
@@ -548,6 +606,8 @@ fn main() {
         println!("pinlab-runner: setup failed; no scenario can run");
         std::process::exit(1);
     };
+    res.selftests = run_selftests(Path::new("/pinlab/selftests"));
+    write_results(&out, &res);
     if setup_only {
         return;
     }

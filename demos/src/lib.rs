@@ -7,6 +7,16 @@ pub mod worker;
 
 use std::fmt;
 
+/// `--timeout-s N` for the demo programs: whole seconds, at least 1.
+pub fn parse_timeout(v: std::ffi::OsString) -> Result<std::time::Duration, String> {
+    let v = v.to_string_lossy();
+    let secs: u64 = v.parse().map_err(|_| format!("--timeout-s {v:?}: not a number of seconds"))?;
+    if secs == 0 {
+        return Err("--timeout-s must be at least 1".to_string());
+    }
+    Ok(std::time::Duration::from_secs(secs))
+}
+
 /// Why a step did not return `ok`: the errno the kernel gave (when there was
 /// one) and a message saying which call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]

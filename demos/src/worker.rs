@@ -157,6 +157,17 @@ impl Worker {
         Ok(self.files.iter().map(|f| f.as_raw_fd()).collect())
     }
 
+    /// A descriptor of the scenario's main file: this process's own if it has
+    /// one, else a fresh `O_WRONLY` one (returned too, so it stays open).
+    fn data_fd(&self) -> Result<(RawFd, Option<File>), StepError> {
+        if let Some(f) = self.files.first() {
+            return Ok((f.as_raw_fd(), None));
+        }
+        let p = self.ctx.file(0);
+        let f = OpenOptions::new().write(true).open(&p).map_err(|e| io_err(e, format!("open({})", p.display())))?;
+        Ok((f.as_raw_fd(), Some(f)))
+    }
+
     /// Listen for an SCM_RIGHTS hand-over (the receiver does this at start).
     pub fn listen_for_fd(&mut self) -> Result<(), StepError> {
         let p = self.ctx.receiver_socket();
@@ -363,17 +374,7 @@ impl Worker {
                         })?;
                     }
                     TruncVia::Fd => {
-                        let own;
-                        let fd = match self.files.first() {
-                            Some(f) => f.as_raw_fd(),
-                            None => {
-                                own = OpenOptions::new()
-                                    .write(true)
-                                    .open(&p)
-                                    .map_err(|e| io_err(e, format!("open({})", p.display())))?;
-                                own.as_raw_fd()
-                            }
-                        };
+                        let (fd, _own) = self.data_fd()?;
                         // SAFETY: plain syscall on a descriptor we hold.
                         sys(unsafe { libc::ftruncate(fd, size.0 as libc::off_t) }, || {
                             format!("ftruncate({}, {})", p.display(), size.0)
@@ -384,17 +385,7 @@ impl Worker {
             }
             Action::Fallocate { mode, offset, len } => {
                 let p = self.ctx.file(0);
-                let own;
-                let fd = match self.files.first() {
-                    Some(f) => f.as_raw_fd(),
-                    None => {
-                        own = OpenOptions::new()
-                            .write(true)
-                            .open(&p)
-                            .map_err(|e| io_err(e, format!("open({})", p.display())))?;
-                        own.as_raw_fd()
-                    }
-                };
+                let (fd, _own) = self.data_fd()?;
                 // SAFETY: plain syscall on a descriptor we hold.
                 sys(
                     unsafe { libc::fallocate(fd, mode.bits(), offset.0 as libc::off_t, len.0 as libc::off_t) },

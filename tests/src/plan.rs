@@ -346,18 +346,26 @@ fn one() -> u32 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Bytes(pub u64);
 
+/// A size as written in YAML: a number or a string with a unit.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrStr {
+    N(u64),
+    S(String),
+}
+
+impl NumOrStr {
+    fn text(self) -> String {
+        match self {
+            NumOrStr::N(n) => n.to_string(),
+            NumOrStr::S(s) => s,
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Bytes {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Ok(Bytes(n)),
-            Raw::S(s) => parse_bytes(&s).map(Bytes).map_err(de::Error::custom),
-        }
+        parse_bytes(&NumOrStr::deserialize(d)?.text()).map(Bytes).map_err(de::Error::custom)
     }
 }
 
@@ -397,16 +405,7 @@ impl Size {
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::N(n) => Size::parse(&n.to_string()).map_err(de::Error::custom),
-            Raw::S(s) => Size::parse(&s).map_err(de::Error::custom),
-        }
+        Size::parse(&NumOrStr::deserialize(d)?.text()).map_err(de::Error::custom)
     }
 }
 

@@ -20,34 +20,16 @@ struct Args {
 
 /// `None` means `--help`.
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
+    use lexopt::prelude::*;
     let mut server = None;
     let mut timeout = Duration::from_secs(20);
-    let mut it = argv.iter();
-    while let Some(arg) = it.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(None);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it.next().cloned().ok_or_else(|| format!("{flag} needs a value")),
-            }
-        };
-        match flag {
-            "--server" => server = Some(value()?),
-            "--timeout-s" => {
-                let v = value()?;
-                let secs: u64 = v.parse().map_err(|_| format!("--timeout-s {v:?}: not a number of seconds"))?;
-                if secs == 0 {
-                    return Err("--timeout-s must be at least 1".to_string());
-                }
-                timeout = Duration::from_secs(secs);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
+    let mut p = lexopt::Parser::from_args(argv);
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("server") => server = Some(p.value().map_err(|e| e.to_string())?.string().map_err(|e| e.to_string())?),
+            Long("timeout-s") => timeout = pinlab_demos::parse_timeout(p.value().map_err(|e| e.to_string())?)?,
+            _ => return Err(arg.unexpected().to_string()),
         }
     }
     let server = server.ok_or("--server HOST:PORT is required")?;
@@ -120,9 +102,9 @@ mod tests {
     #[test]
     fn bad_input() {
         assert!(parse("").unwrap_err().contains("--server"));
-        assert!(parse("--server").unwrap_err().contains("needs a value"));
+        assert!(parse("--server").unwrap_err().contains("missing argument"));
         assert!(parse("--server a:1 --timeout-s -1").is_err());
-        assert!(parse("--what").unwrap_err().contains("unknown"));
+        assert!(parse("--what").unwrap_err().contains("--what"));
         assert!(resolve("no-port").is_err());
         assert_eq!(resolve("127.0.0.1:7").unwrap(), "127.0.0.1:7".parse().unwrap());
     }

@@ -60,40 +60,25 @@ fn parse_target(s: &str) -> Result<Target, String> {
 
 /// `None` means `--help`.
 fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
+    use lexopt::prelude::*;
     let mut target = None;
     let mut size = Size::default().0;
     let mut listen = "0.0.0.0:18515".to_string();
     let mut device = None;
     let mut timeout = Duration::from_secs(60);
-    let mut it = argv.iter();
-    while let Some(arg) = it.next() {
-        if arg == "-h" || arg == "--help" {
-            return Ok(None);
-        }
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = || -> Result<String, String> {
-            match inline.clone() {
-                Some(v) => Ok(v),
-                None => it.next().cloned().ok_or_else(|| format!("{flag} needs a value")),
-            }
-        };
-        match flag {
-            "--target" => target = Some(parse_target(&value()?)?),
-            "--size" => size = Size::parse(&value()?)?.0,
-            "--listen" => listen = value()?,
-            "--device" => device = Some(value()?),
-            "--timeout-s" => {
-                let v = value()?;
-                let secs: u64 = v.parse().map_err(|_| format!("--timeout-s {v:?}: not a number of seconds"))?;
-                if secs == 0 {
-                    return Err("--timeout-s must be at least 1".to_string());
-                }
-                timeout = Duration::from_secs(secs);
-            }
-            other => return Err(format!("unknown argument {other:?}")),
+    let mut p = lexopt::Parser::from_args(argv);
+    let text = |v: Result<std::ffi::OsString, lexopt::Error>| -> Result<String, String> {
+        v.map_err(|e| e.to_string())?.string().map_err(|e| e.to_string())
+    };
+    while let Some(arg) = p.next().map_err(|e| e.to_string())? {
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("target") => target = Some(parse_target(&text(p.value())?)?),
+            Long("size") => size = Size::parse(&text(p.value())?)?.0,
+            Long("listen") => listen = text(p.value())?,
+            Long("device") => device = Some(text(p.value())?),
+            Long("timeout-s") => timeout = pinlab_demos::parse_timeout(p.value().map_err(|e| e.to_string())?)?,
+            _ => return Err(arg.unexpected().to_string()),
         }
     }
     let target = target.ok_or("--target is required")?;
@@ -248,13 +233,13 @@ mod tests {
     #[test]
     fn bad_input_is_an_error_not_a_panic() {
         assert!(parse("").unwrap_err().contains("--target is required"));
-        assert!(parse("--target").unwrap_err().contains("needs a value"));
+        assert!(parse("--target").unwrap_err().contains("missing argument"));
         assert!(parse("--target disk").unwrap_err().contains("expected anon"));
         assert!(parse("--target file:").unwrap_err().contains("needs a path"));
         assert!(parse("--target anon --size 3").unwrap_err().contains("multiple of 4096"));
         assert!(parse("--target anon --timeout-s x").unwrap_err().contains("seconds"));
         assert!(parse("--target anon --timeout-s 0").is_err());
-        assert!(parse("--target anon --bogus").unwrap_err().contains("unknown"));
+        assert!(parse("--target anon --bogus").unwrap_err().contains("--bogus"));
         assert_eq!(parse("--help").unwrap(), None);
     }
 

@@ -270,6 +270,13 @@ pub fn base_tree(cache: &Cache, name: &str) -> Result<PathBuf> {
     cp.arg("-a").arg(&pristine).arg(&staging);
     util::output(cp)?;
     let _ = std::fs::remove_file(staging.join(".pinlab-complete"));
+    // Debian's linux-source ships a .gitignore that ignores everything at the
+    // top level ("/*", "!/debian/"); drop those two lines so git sees the tree.
+    let gi = staging.join(".gitignore");
+    if let Ok(text) = std::fs::read_to_string(&gi) {
+        let kept: Vec<&str> = text.lines().filter(|l| *l != "/*" && *l != "!/debian/").collect();
+        std::fs::write(&gi, kept.join("\n") + "\n")?;
+    }
     util::output(git(&staging, &["init", "-q"]))?;
     util::output(git(&staging, &["add", "-A"]))?;
     util::output(git(&staging, &["commit", "-q", "-m", &format!("Debian {SOURCE_PACKAGE} {SOURCE_VERSION}")]))?;

@@ -307,24 +307,33 @@ pub fn reset_to_base(tree: &Path) -> Result<()> {
 }
 
 /// A git tree of the pinned source with the series applied as commits
-/// (`cache/trees/patched`), reset and re-applied when the series changes.
+/// (`cache/trees/patched`). When the new series extends the applied one, only
+/// the new patches are applied (so an incremental build recompiles only what
+/// they touch); otherwise the tree is reset to the base and rebuilt.
 pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)]) -> Result<PathBuf> {
     let tree = base_tree(cache, "patched")?;
-    let mut h = KeyHasher::default();
-    for (n, b) in series {
-        h.part(n, b);
-    }
-    let key = h.finish();
+    let keys: Vec<String> =
+        series.iter().map(|(n, b)| format!("{n} {}", KeyHasher::default().part(n, b).finish())).collect();
     let stamp = tree.join(".git/pinlab-series");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(key.as_str()) {
+    let applied: Vec<String> =
+        std::fs::read_to_string(&stamp).map(|t| t.lines().map(String::from).collect()).unwrap_or_default();
+    if applied == keys {
         return Ok(tree);
     }
+    let head = util::output(git(&tree, &["rev-list", "--count", "pinlab-base..HEAD"]))?;
+    let head_count: usize = head.trim().parse().unwrap_or(usize::MAX);
+    let start =
+        if stamp.exists() && applied.len() <= keys.len() && keys.starts_with(&applied) && head_count == applied.len() {
+            applied.len()
+        } else {
+            reset_to_base(&tree)?;
+            0
+        };
     let _ = std::fs::remove_file(&stamp);
-    reset_to_base(&tree)?;
-    for (name, _) in series {
+    for (name, _) in &series[start..] {
         apply_patch(&tree, name)?;
     }
-    std::fs::write(&stamp, &key)?;
+    std::fs::write(&stamp, keys.join("\n"))?;
     Ok(tree)
 }
 

@@ -173,7 +173,7 @@ pub fn qemu_devices() -> Result<Vec<(&'static str, bool)>> {
     let mut c = Command::new("qemu-system-x86_64");
     c.args(["-device", "help"]);
     let out = util::output(c)?;
-    Ok(["nvdimm", "vhost-user-fs-pci", "virtio-net-pci"]
+    Ok(["nvdimm", "vhost-user-fs-pci", "virtio-rng-pci"]
         .into_iter()
         .map(|d| (d, out.contains(&format!("name \"{d}\""))))
         .collect())

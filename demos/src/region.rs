@@ -190,32 +190,25 @@ impl Region {
         }
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| open_error(e, "O_RDWR", path))?;
         let ptr = map(len, libc::MAP_SHARED, file.as_raw_fd(), &format!("{}, MAP_SHARED", path.display()))?;
-        if !(ptr.as_ptr() as usize).is_multiple_of(align) {
-            // The kernel refuses misaligned device-DAX VMAs itself; this only
-            // makes a surprising layout visible.
-            let region = Region {
-                ptr,
-                len,
-                kind: RegionKind::Devdax,
-                file: Some(file),
-                path: Some(path.to_path_buf()),
-                extra: Vec::new(),
-            };
-            let addr = region.ptr.as_ptr();
-            drop(region);
-            return Err(StepError::other(format!(
-                "mmap({}, len={len}) returned {addr:p}, not aligned to {align}",
-                path.display()
-            )));
-        }
-        Ok(Region {
+        let region = Region {
             ptr,
             len,
             kind: RegionKind::Devdax,
             file: Some(file),
             path: Some(path.to_path_buf()),
             extra: Vec::new(),
-        })
+        };
+        if !(ptr.as_ptr() as usize).is_multiple_of(align) {
+            // The kernel refuses misaligned device-DAX VMAs itself; this only
+            // makes a surprising layout visible (and unmaps on drop).
+            drop(region);
+            return Err(StepError::other(format!(
+                "mmap({}, len={len}) returned {:p}, not aligned to {align}",
+                path.display(),
+                ptr.as_ptr()
+            )));
+        }
+        Ok(region)
     }
 
     /// The start of the mapping.

@@ -1,6 +1,7 @@
 //! Guest-side code shared by pinlab's guest programs: the init, the scenario
 //! runner, the RDMA server and client.
 
+pub mod bench;
 pub mod rdma;
 pub mod region;
 pub mod worker;

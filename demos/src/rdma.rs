@@ -895,6 +895,48 @@ pub fn serve_write(dev: &Device, mr: &Mr, listener: &TcpListener, deadline: Dura
     result
 }
 
+/// One whole RDMA WRITE into `mr` by a separate `rdma-client` process:
+/// listen on `bind`:0, start the client (`client` is its path) against that
+/// port, serve it with [`serve_write`], and return the JSON report it prints.
+/// The client is killed if serving fails; its stderr is quoted on failure.
+pub fn write_from_client(
+    dev: &Device,
+    mr: &Mr,
+    client: &str,
+    bind: &str,
+    deadline: Duration,
+) -> Result<(u32, ClientReport), StepError> {
+    let listener = TcpListener::bind((bind, 0))
+        .map_err(|e| step(e.raw_os_error(), format!("bind {bind}:0 for the RDMA side channel: {e}")))?;
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let timeout = deadline.as_secs().max(1).to_string();
+    let mut child = std::process::Command::new(client)
+        .args(["--server", &format!("{bind}:{port}"), "--timeout-s", &timeout])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| step(e.raw_os_error(), format!("start {client}: {e}")))?;
+    let pid = child.id();
+    let served = serve_write(dev, mr, &listener, deadline + Duration::from_secs(10));
+    if served.is_err() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().map_err(|e| StepError::other(format!("wait for {client} (pid {pid}): {e}")))?;
+    served?;
+    if !out.status.success() {
+        return Err(StepError::other(format!(
+            "{client} (pid {pid}) failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(text.trim()).map_err(|e| {
+        StepError::other(format!("{client} (pid {pid}) printed a report that does not parse ({e}): {}", text.trim()))
+    })?;
+    Ok((pid, report))
+}
+
 fn serve_on(dev: &Device, mr: &Mr, wire: &mut Wire, until: Instant) -> Result<(), StepError> {
     let mut rc = RcQp::new(dev, 4)?;
     wire.send(&Msg::Hello(rc.endpoint(Some(mr))), until)?;

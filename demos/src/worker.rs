@@ -20,7 +20,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Guest-internal address of the rxe netdev.
@@ -29,6 +28,8 @@ pub const ADDR: &str = "192.0.2.1";
 pub const RXE: &str = "rxe0";
 /// Where the filesystem under test is mounted.
 pub const PMEM_MNT: &str = "/mnt/pmem";
+/// The RDMA WRITE client, in the rootfs.
+pub const CLIENT: &str = "/usr/local/bin/rdma-client";
 
 /// First message of a worker.
 #[derive(Debug, Serialize, Deserialize)]
@@ -262,36 +263,14 @@ impl Worker {
             }
             Action::RdmaWrite => {
                 let mr = self.mrs.last().ok_or_else(|| StepError::other("rdma_write before reg_mr"))?;
-                let listener =
-                    std::net::TcpListener::bind((ADDR, 0)).map_err(|e| io_err(e, format!("bind {ADDR}:0")))?;
-                let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-                let mut client = Command::new("/usr/local/bin/rdma-client")
-                    .args(["--server", &format!("{ADDR}:{port}"), "--timeout-s", "30"])
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .map_err(|e| StepError::other(format!("start rdma-client: {e}")))?;
-                let pid = client.id();
                 let dev = self.dev.as_ref().ok_or_else(|| StepError::other("no device"))?;
-                let served = rdma::serve_write(dev, mr, &listener, Duration::from_secs(40));
-                if served.is_err() {
-                    let _ = client.kill();
-                }
-                let out = client.wait_with_output().map_err(|e| StepError::other(format!("wait rdma-client: {e}")))?;
-                served?;
-                if !out.status.success() {
-                    return Err(StepError::other(format!(
-                        "rdma-client failed ({}): {}",
-                        out.status,
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )));
-                }
+                let (pid, report) = rdma::write_from_client(dev, mr, CLIENT, ADDR, Duration::from_secs(30))?;
                 self.written = Some(mr.len());
                 Ok(format!(
                     "rdma-client (pid {pid}) RDMA-WROTE {} bytes into MR rkey={:#x}: {}",
                     mr.len(),
                     mr.rkey(),
-                    String::from_utf8_lossy(&out.stdout).trim()
+                    serde_json::to_string(&report).unwrap_or_default()
                 ))
             }
             Action::Verify => {

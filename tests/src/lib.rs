@@ -8,6 +8,7 @@
 //! `demos/`) only sees the plan: it never knows what is expected of it.
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod errno;
 pub mod plan;
 pub mod results;

@@ -20,6 +20,9 @@ pub struct Plan {
     /// after setup, before the scenarios.
     #[serde(default)]
     pub selftests: Vec<String>,
+    /// `cargo xtask bench`: measure instead of (or after) the scenarios.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bench: Option<crate::bench::BenchPlan>,
 }
 
 /// A scenario as the guest sees it.
@@ -437,6 +440,7 @@ mod tests {
             flavor: Flavor::Stock,
             fs: Fs::Xfs,
             selftests: Vec::new(),
+            bench: None,
             scenarios: vec![PlannedScenario {
                 id: "S02".into(),
                 title: "t".into(),

@@ -26,6 +26,9 @@ pub struct BootResults {
     /// kselftest results, one per TAP test line: outcome `ok`, `skip` or `fail`.
     #[serde(default)]
     pub selftests: Vec<StepResult>,
+    /// What `cargo xtask bench` asked the guest to measure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bench: Option<crate::bench::BenchResults>,
 }
 
 /// A scenario as run.

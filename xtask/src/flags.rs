@@ -79,6 +79,19 @@ xflags::xflags! {
             optional --accel accel: Accel
         }
 
+        /// Measure DESIGN.md's speed targets: boot to scenario start, ibv_reg_mr and RDMA WRITE
+        /// into FS-DAX vs anonymous memory, how fast truncate over pinned pages fails.
+        cmd bench {
+            /// Kernel flavor (default: patched when kernel-patches/ has a series, else stock).
+            optional --flavor flavor: Flavor
+            /// Filesystem(s) (default: ext4 and xfs).
+            repeated --fs fs: Fs
+            /// Repetitions of each registration and bandwidth figure (default: 3).
+            optional --reps n: u32
+            /// kvm or tcg (default: what the KVM probe found).
+            optional --accel accel: Accel
+        }
+
         /// Remove pinlab's caches (kernels, rootfs, downloads) and run outputs.
         cmd clean {
             /// Also remove the downloaded .debs and the extracted kernel source.

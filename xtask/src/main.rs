@@ -2,6 +2,7 @@
 //! task lives in its own module.
 
 mod apt;
+mod bench;
 mod console;
 mod flags;
 mod host;
@@ -94,6 +95,9 @@ fn real_main() -> Result<bool> {
         )
         .map(|()| true),
         flags::XtaskCmd::Test(t) => test::run(&cache, t.unit, t.accel),
+        flags::XtaskCmd::Bench(b) => {
+            bench::bench(&cache, bench::BenchOpts { flavor: b.flavor, fss: b.fs, reps: b.reps, accel: b.accel })
+        }
         flags::XtaskCmd::Clean(c) => test::clean(&cache, c.all).map(|()| true),
         flags::XtaskCmd::KvmProbe(_) => kvm::child_main().map(|()| true),
     }

@@ -162,7 +162,7 @@ pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>) -> Res
     let dir = util::target_dir().join("shell").join(format!("{flavor}-{fs}"));
     std::fs::create_dir_all(&dir)?;
     let selftests = k.selftests.iter().map(|p| p.display().to_string()).collect();
-    let plan = Plan { flavor, fs, scenarios: Vec::new(), selftests };
+    let plan = Plan { flavor, fs, scenarios: Vec::new(), selftests, bench: None };
     vm::shell(cache, &k.bzimage, &rootfs, &dir, &plan, accel)
 }
 
@@ -189,6 +189,7 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         fs,
         scenarios: mine.iter().map(|s| s.planned()).collect(),
         selftests: ctx.selftests.iter().map(|p| p.display().to_string()).collect(),
+        bench: None,
     };
     let dir = run_dir.join(format!("{}-{}", k.flavor, fs));
     std::fs::create_dir_all(&dir)?;

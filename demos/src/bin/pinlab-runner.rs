@@ -611,6 +611,16 @@ fn main() {
     if setup_only {
         return;
     }
+    if let Some(bp) = &plan.bench {
+        println!("PINLAB-BENCH start: {bp:?}");
+        let mut progress = |f: &pinlab_scenarios::bench::Figure| match (&f.error, f.samples.last()) {
+            (Some(e), _) => println!("PINLAB-BENCH {} error: {e}", f.key),
+            (None, Some(v)) => println!("PINLAB-BENCH {} #{}: {v:.1} {}", f.key, f.samples.len(), f.unit),
+            (None, None) => {}
+        };
+        res.bench = Some(pinlab_demos::bench::run(bp, &mut progress));
+        write_results(&out, &res);
+    }
     for sc in &plan.scenarios {
         let r = run_scenario(&lab, sc);
         res.scenarios.push(r);

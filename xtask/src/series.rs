@@ -151,7 +151,7 @@ pub fn export(cache: &Cache) -> Result<()> {
             std::fs::remove_file(&p)?;
         }
     }
-    let mut fp = git(&tree, &["format-patch", "--no-signature", "-o"]);
+    let mut fp = git(&tree, &["format-patch", "--no-signature", "--abbrev=12", "-o"]);
     fp.arg(&dir).arg("pinlab-base..HEAD");
     let out = util::output(fp)?;
     let names: Vec<String> =

@@ -90,6 +90,9 @@ pub fn check(cache: &Cache) -> Result<bool> {
             tally.checks,
             if justified { String::new() } else { " — not justified in the changelog".into() }
         ));
+        if let Some(r) = rows.last() {
+            eprintln!("{r}");
+        }
         if built.is_err() {
             break;
         }

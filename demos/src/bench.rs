@@ -67,6 +67,16 @@ fn leased_dax_file(path: &Path, len: usize) -> Result<Region, StepError> {
     Ok(region)
 }
 
+/// Write one byte per page, so every page is mapped writable before the
+/// registration (as [`Region::anon`] leaves anonymous memory).
+fn touch_pages(region: &mut Region) {
+    for b in region.as_mut_slice().iter_mut().step_by(4096) {
+        // SAFETY: b is a valid &mut u8 into the mapping; volatile keeps the
+        // store (and so the write fault) from being optimised away.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+}
+
 fn timed_reg(dev: &Device, region: &Region) -> Result<(Mr, Duration), StepError> {
     let t = Instant::now();
     let mr = dev.reg_mr(region.as_mut_ptr(), region.len())?;
@@ -130,22 +140,38 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
     );
     let mut write_dax =
         figure(key::WRITE_FSDAX, format!("RDMA WRITE of {} MiB into an FS-DAX MR, verified", plan.write_mib), "MiB/s");
-    let mut trunc = figure(
-        key::TRUNC_PINNED,
-        format!("ftruncate(fd, 0) of a {} MiB FS-DAX file an MR pins (lease released): ETXTBSY", plan.reg_mib),
+    let mut reg_cold = figure(
+        key::REG_FSDAX_COLD,
+        format!(
+            "ibv_reg_mr, {} MiB freshly fallocated FS-DAX file under the lease: the call write-faults every page \
+             and the filesystem zeroes the unwritten blocks",
+            plan.reg_mib
+        ),
+        "ms",
+    );
+    let pinned_what = format!("a {} MiB FS-DAX file an MR pins, lease released", plan.reg_mib);
+    let mut punch_first = figure(
+        key::PUNCH_FIRST,
+        format!(
+            "first fallocate(PUNCH_HOLE|KEEP_SIZE), 2 MiB in the middle of {pinned_what} (unmaps that range): ETXTBSY"
+        ),
         "us",
     );
-    let mut punch = figure(
-        key::PUNCH_PINNED,
-        "fallocate(PUNCH_HOLE|KEEP_SIZE) of 2 MiB in the middle of that file: ETXTBSY".into(),
+    let mut punch =
+        figure(key::PUNCH_PINNED, "later fallocate(PUNCH_HOLE|KEEP_SIZE) of the same range: ETXTBSY".into(), "us");
+    let mut trunc_first = figure(
+        key::TRUNC_FIRST,
+        format!("first ftruncate(fd, 0) of {pinned_what} (unmaps the whole file from the process): ETXTBSY"),
         "us",
     );
+    let mut trunc = figure(key::TRUNC_PINNED, "later ftruncate(fd, 0) of the same file: ETXTBSY".into(), "us");
 
     let dev = match Device::open(None) {
         Ok(d) => d,
         Err(e) => {
             let msg = format!("no RDMA device: {e:#}");
-            let mut all = vec![reg_anon, reg_dax, write_anon, write_dax, trunc, punch];
+            let mut all =
+                vec![reg_anon, reg_dax, reg_cold, write_anon, write_dax, punch_first, punch, trunc_first, trunc];
             for f in &mut all {
                 f.error = Some(msg.clone());
             }
@@ -163,6 +189,14 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
             Ok(took.as_secs_f64() * 1e3)
         });
         sample(&mut reg_dax, progress, || {
+            let mut region = leased_dax_file(&reg_path, reg_len)?;
+            touch_pages(&mut region);
+            let (mr, took) = timed_reg(&dev, &region)?;
+            mr.dereg()?;
+            Ok(took.as_secs_f64() * 1e3)
+        });
+        remove(&reg_path);
+        sample(&mut reg_cold, progress, || {
             let region = leased_dax_file(&reg_path, reg_len)?;
             let (mr, took) = timed_reg(&dev, &region)?;
             mr.dereg()?;
@@ -193,21 +227,24 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
             let fd = region.backing_file().map(|f| f.as_raw_fd()).unwrap_or(-1);
             let mid = libc::off_t::try_from(reg_len / 2).unwrap_or(0);
             let two_mib = libc::off_t::try_from(2 * MIB).unwrap_or(0);
+            // SAFETY (all four): plain syscalls on an fd we own; no memory is passed.
+            let punch_call =
+                || unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, mid, two_mib) };
+            let trunc_call = || unsafe { libc::ftruncate(fd, 0) };
+            let punch_name = "fallocate(PUNCH_HOLE|KEEP_SIZE)";
+            sample(&mut punch_first, progress, || timed_etxtbsy(punch_name, punch_call));
             for _ in 0..plan.fail_reps {
-                // SAFETY: plain syscalls on an fd we own; no memory is passed.
-                sample(&mut trunc, progress, || {
-                    timed_etxtbsy("ftruncate(fd, 0)", || unsafe { libc::ftruncate(fd, 0) })
-                });
-                sample(&mut punch, progress, || {
-                    timed_etxtbsy("fallocate(PUNCH_HOLE|KEEP_SIZE)", || unsafe {
-                        libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, mid, two_mib)
-                    })
-                });
+                sample(&mut punch, progress, || timed_etxtbsy(punch_name, punch_call));
+            }
+            sample(&mut trunc_first, progress, || timed_etxtbsy("ftruncate(fd, 0)", trunc_call));
+            for _ in 0..plan.fail_reps {
+                sample(&mut trunc, progress, || timed_etxtbsy("ftruncate(fd, 0)", trunc_call));
             }
         }
         Err(e) => {
-            trunc.error = Some(e.to_string());
-            punch.error = Some(e.to_string());
+            for f in [&mut punch_first, &mut punch, &mut trunc_first, &mut trunc] {
+                f.error = Some(e.to_string());
+            }
         }
     }
     if let Ok((region, mr)) = pinned {
@@ -217,5 +254,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
         drop(region);
     }
     remove(&pinned_path);
-    BenchResults { figures: vec![reg_anon, reg_dax, write_anon, write_dax, trunc, punch] }
+    BenchResults {
+        figures: vec![reg_anon, reg_dax, reg_cold, write_anon, write_dax, punch_first, punch, trunc_first, trunc],
+    }
 }

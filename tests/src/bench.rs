@@ -22,7 +22,7 @@ pub struct BenchPlan {
 
 impl Default for BenchPlan {
     fn default() -> Self {
-        BenchPlan { reps: 3, reg_mib: 256, write_mib: 32, fail_reps: 50 }
+        BenchPlan { reps: 5, reg_mib: 256, write_mib: 32, fail_reps: 50 }
     }
 }
 
@@ -30,15 +30,24 @@ impl Default for BenchPlan {
 pub mod key {
     /// `ibv_reg_mr` of anonymous memory (pages already present).
     pub const REG_ANON: &str = "reg_mr_anon";
-    /// `ibv_reg_mr` of an FS-DAX file under `F_LAYOUT|F_EXCLUSIVE`.
+    /// `ibv_reg_mr` of an FS-DAX file under `F_LAYOUT|F_EXCLUSIVE`, pages
+    /// already written (like the anonymous ones).
     pub const REG_FSDAX: &str = "reg_mr_fsdax_lease";
+    /// The same on a freshly allocated file: the registration itself write-
+    /// faults every page, and the filesystem zeroes its unwritten blocks.
+    pub const REG_FSDAX_COLD: &str = "reg_mr_fsdax_lease_cold";
     /// RDMA WRITE bandwidth into an anonymous MR.
     pub const WRITE_ANON: &str = "write_anon";
     /// RDMA WRITE bandwidth into an FS-DAX MR.
     pub const WRITE_FSDAX: &str = "write_fsdax";
-    /// `ftruncate` over pinned pages (lease released, pins kept): must fail.
+    /// The first `ftruncate` over pinned pages (lease released, pins kept):
+    /// it also unmaps the file from the process's page tables.
+    pub const TRUNC_FIRST: &str = "truncate_pinned_first";
+    /// Later `ftruncate`s over pinned pages: must fail.
     pub const TRUNC_PINNED: &str = "truncate_pinned";
-    /// `fallocate(PUNCH_HOLE)` over pinned pages: must fail.
+    /// The first `fallocate(PUNCH_HOLE)` over pinned pages.
+    pub const PUNCH_FIRST: &str = "punch_pinned_first";
+    /// Later `fallocate(PUNCH_HOLE)`s over pinned pages: must fail.
     pub const PUNCH_PINNED: &str = "punch_pinned";
 }
 

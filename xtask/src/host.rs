@@ -63,6 +63,8 @@ pub fn requirements() -> Vec<Req> {
         Req { what: "flex", package: "flex", check: Program("flex"), needed_for: Kernel },
         Req { what: "bison", package: "bison", check: Program("bison"), needed_for: Kernel },
         Req { what: "bc", package: "bc", check: Program("bc"), needed_for: Kernel },
+        // The bzImage is LZ4-compressed (kernel-config/10-base.config).
+        Req { what: "lz4", package: "lz4", check: Program("lz4"), needed_for: Kernel },
         Req { what: "cpio", package: "cpio", check: Program("cpio"), needed_for: Kernel },
         Req { what: "perl", package: "perl", check: Program("perl"), needed_for: Kernel },
         Req {

@@ -322,13 +322,22 @@ pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)]) -> Result<PathB
     }
     let head = util::output(git(&tree, &["rev-list", "--count", "pinlab-base..HEAD"]))?;
     let head_count: usize = head.trim().parse().unwrap_or(usize::MAX);
-    let start =
-        if stamp.exists() && applied.len() <= keys.len() && keys.starts_with(&applied) && head_count == applied.len() {
-            applied.len()
-        } else {
-            reset_to_base(&tree)?;
-            0
-        };
+    // Keep the commits of the patches that did not change (the longest
+    // common prefix) and drop the rest with `git reset --hard`, which
+    // rewrites only the files that differ: editing patch 12 of 14 then
+    // recompiles what patches 12–14 touch, not what patch 1 touched.
+    let common = applied.iter().zip(&keys).take_while(|(a, b)| a == b).count();
+    let start = if stamp.exists() && head_count == applied.len() {
+        if common < applied.len() {
+            let back = format!("HEAD~{}", applied.len() - common);
+            util::run_shown(git(&tree, &["reset", "-q", "--hard", &back]))
+                .with_context(|| format!("Failed to rewind {} to the unchanged prefix", tree.display()))?;
+        }
+        common
+    } else {
+        reset_to_base(&tree)?;
+        0
+    };
     let _ = std::fs::remove_file(&stamp);
     for (name, _) in &series[start..] {
         apply_patch(&tree, name)?;

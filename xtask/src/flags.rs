@@ -26,7 +26,11 @@ xflags::xflags! {
                 optional --no-install
             }
             /// Apply kernel-patches/ one at a time: build after each (incrementally) and run checkpatch --strict.
-            cmd check-series {}
+            /// Patches unchanged since a successful check are not rebuilt.
+            cmd check-series {
+                /// Rebuild every prefix from the base, even unchanged ones.
+                optional --full
+            }
             /// Make (or show) a git tree with the series as commits, for editing and rebasing.
             cmd edit {}
             /// Write the edit tree's commits back to kernel-patches/ with git format-patch.

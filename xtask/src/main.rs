@@ -51,9 +51,9 @@ fn real_main() -> Result<bool> {
                 println!("{}", built.bzimage.display());
                 Ok(true)
             }
-            flags::KernelCmd::CheckSeries(_) => {
+            flags::KernelCmd::CheckSeries(c) => {
                 host::ensure(&[host::Need::Kernel, host::Need::Image], false)?;
-                series::check(&cache)
+                series::check(&cache, c.full)
             }
             flags::KernelCmd::Edit(_) => series::edit(&cache).map(|()| true),
             flags::KernelCmd::Export(_) => series::export(&cache).map(|()| true),

@@ -6,6 +6,7 @@
 use crate::kernel::{self, apply_patch, base_tree, git, reset_to_base};
 use crate::util::{self, Cache};
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
 
@@ -38,29 +39,99 @@ pub fn changelog_justifies(patch: &str) -> bool {
     changelog.to_lowercase().contains("checkpatch")
 }
 
-/// `cargo xtask kernel check-series`.
-pub fn check(cache: &Cache) -> Result<bool> {
+/// What a check-series run verified, kept in `build/check/check-series.json`
+/// so the next run only rebuilds from the first patch that changed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Hash of the source version and the config fragments.
+    pub base_key: String,
+    /// One per patch applied in the check tree, in order.
+    pub patches: Vec<Checked>,
+}
+
+/// One patch as checked.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Checked {
+    /// File name.
+    pub name: String,
+    /// Hash of the base key and every patch up to and including this one.
+    pub prefix_key: String,
+    /// Whether the tree built with this prefix.
+    pub built: bool,
+    /// How long that incremental build took, and how many objects it compiled.
+    pub build: String,
+}
+
+/// Prefix keys: each patch's key covers the base and every patch before it,
+/// so an edit to patch k changes the keys of k and everything after it.
+pub fn prefix_keys(base_key: &str, series: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut prev = base_key.to_string();
+    series
+        .iter()
+        .map(|(name, bytes)| {
+            prev = util::KeyHasher::default().part("prev", prev.as_bytes()).part(name, bytes).finish();
+            prev.clone()
+        })
+        .collect()
+}
+
+/// How many leading patches of `keys` the record shows as applied and built.
+pub fn unchanged_prefix(record: &Record, keys: &[String]) -> usize {
+    record.patches.iter().zip(keys).take_while(|(c, k)| c.built && &c.prefix_key == *k).count()
+}
+
+/// `cargo xtask kernel check-series`; `full` starts again from the base.
+pub fn check(cache: &Cache, full: bool) -> Result<bool> {
     let series = kernel::read_series()?;
     if series.is_empty() {
         println!("kernel-patches/series lists no patches: nothing to check.");
         return Ok(true);
     }
     let tree = base_tree(cache, "check")?;
-    reset_to_base(&tree)?;
     let build_dir = cache.dir("build")?.join("check");
     std::fs::create_dir_all(&build_dir)?;
     let log = build_dir.join("check-series.log");
+    let record_path = build_dir.join("check-series.json");
     let _ = std::fs::remove_file(&log);
     let t0 = Instant::now();
+
+    let mut base_hash = util::KeyHasher::default();
+    base_hash.part("source", kernel::SOURCE_VERSION.as_bytes());
+    for (name, text) in kernel::read_fragments()? {
+        base_hash.part(&name, text.as_bytes());
+    }
+    let base_key = base_hash.finish();
+    let keys = prefix_keys(&base_key, &series);
+    let old: Record =
+        std::fs::read(&record_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let applied = util::output(git(&tree, &["rev-list", "--count", "pinlab-base..HEAD"]))?;
+    let applied: usize = applied.trim().parse().unwrap_or(usize::MAX);
+    // Reuse only what the tree really holds: the record must describe it.
+    let keep = if full || old.base_key != base_key || applied != old.patches.len() {
+        0
+    } else {
+        unchanged_prefix(&old, &keys)
+    };
     eprintln!("check-series: base {} (log {})", kernel::SOURCE_VERSION, log.display());
     kernel::configure(cache, &tree, &build_dir, &log, "check-series base")?;
-    let t = Instant::now();
-    kernel::compile(cache, &tree, &build_dir, &log, "check-series base")?;
-    eprintln!("check-series: base built in {}", util::since(t));
+    if keep == 0 {
+        reset_to_base(&tree)?;
+        let t = Instant::now();
+        kernel::compile(cache, &tree, &build_dir, &log, "check-series base")?;
+        eprintln!("check-series: base built in {}", util::since(t));
+    } else {
+        if applied > keep {
+            util::output(git(&tree, &["reset", "-q", "--hard", &format!("HEAD~{}", applied - keep)]))?;
+        }
+        eprintln!("check-series: patches 1–{keep} unchanged since they were built; rebuilding from patch {}", keep + 1);
+    }
+    let mut record = Record { base_key, patches: old.patches.iter().take(keep).cloned().collect() };
+    let save = |r: &Record| -> Result<()> { util::write_atomic(&record_path, &serde_json::to_vec_pretty(r)?) };
+    save(&record)?;
+
     let mut ok = true;
     let mut rows = Vec::new();
-    for (name, bytes) in &series {
-        apply_patch(&tree, name)?;
+    for (i, (name, bytes)) in series.iter().enumerate() {
         let text = String::from_utf8_lossy(bytes);
         let mut cp = std::process::Command::new("perl");
         cp.current_dir(&tree)
@@ -72,9 +143,22 @@ pub fn check(cache: &Cache) -> Result<bool> {
         let out_text = String::from_utf8_lossy(&out.stdout).into_owned();
         std::fs::write(build_dir.join(format!("{name}.checkpatch.txt")), &out_text)?;
         let tally = parse_tally(&out_text).unwrap_or(Tally { errors: 1, ..Default::default() });
-        let t = Instant::now();
-        let built = kernel::compile(cache, &tree, &build_dir, &log, &format!("check-series {name}"));
-        let took = util::since(t);
+        let built: Result<String> = if i < keep {
+            Ok(format!("unchanged, built earlier: {}", record.patches[i].build))
+        } else {
+            apply_patch(&tree, name)?;
+            let t = Instant::now();
+            let r = kernel::compile(cache, &tree, &build_dir, &log, &format!("check-series {name}"))
+                .map(|n| format!("ok in {} ({n} objects)", util::since(t)));
+            record.patches.push(Checked {
+                name: name.clone(),
+                prefix_key: keys[i].clone(),
+                built: r.is_ok(),
+                build: r.as_ref().map(|s| s.trim_start_matches("ok in ").to_string()).unwrap_or_default(),
+            });
+            save(&record)?;
+            r
+        };
         let justified = tally.warnings + tally.checks == 0 || changelog_justifies(&text);
         let row_ok = built.is_ok() && tally.errors == 0 && justified;
         ok &= row_ok;
@@ -82,7 +166,7 @@ pub fn check(cache: &Cache) -> Result<bool> {
             "{} {name}\n    build: {}  checkpatch --strict: {} errors, {} warnings, {} checks{}",
             if row_ok { "✓" } else { "✗" },
             match &built {
-                Ok(n) => format!("ok in {took} ({n} objects)"),
+                Ok(s) => s.clone(),
                 Err(e) => format!("FAILED ({e:#})"),
             },
             tally.errors,
@@ -99,10 +183,12 @@ pub fn check(cache: &Cache) -> Result<bool> {
     }
     println!("\n{}", rows.join("\n"));
     println!(
-        "\ncheck-series: {} of {} patches checked in {}; checkpatch reports in {}",
+        "\ncheck-series: {} of {} patches checked in {} ({} unchanged and not rebuilt; --full rebuilds every \
+         prefix); checkpatch reports in {}",
         rows.len(),
         series.len(),
         util::since(t0),
+        keep,
         build_dir.display()
     );
     Ok(ok)
@@ -172,6 +258,29 @@ pub fn export(cache: &Cache) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_keys_change_from_the_edited_patch_on() {
+        let p = |n: &str, b: &str| (n.to_string(), b.as_bytes().to_vec());
+        let a = prefix_keys("base", &[p("1", "one"), p("2", "two"), p("3", "three")]);
+        let b = prefix_keys("base", &[p("1", "one"), p("2", "TWO"), p("3", "three")]);
+        assert_eq!(a[0], b[0]);
+        assert_ne!(a[1], b[1]);
+        assert_ne!(a[2], b[2], "a later patch's key covers the edited one");
+        assert_ne!(prefix_keys("other base", &[p("1", "one")])[0], a[0]);
+        let rec = |built: &[bool]| Record {
+            base_key: "base".into(),
+            patches: a
+                .iter()
+                .zip(built)
+                .map(|(k, &ok)| Checked { name: String::new(), prefix_key: k.clone(), built: ok, build: String::new() })
+                .collect(),
+        };
+        assert_eq!(unchanged_prefix(&rec(&[true, true, true]), &a), 3);
+        assert_eq!(unchanged_prefix(&rec(&[true, true, true]), &b), 1);
+        assert_eq!(unchanged_prefix(&rec(&[true, false]), &a), 1, "a failed build is not reused");
+        assert_eq!(unchanged_prefix(&Record::default(), &a), 0);
+    }
 
     #[test]
     fn tally() {

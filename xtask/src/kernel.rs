@@ -306,10 +306,28 @@ pub fn reset_to_base(tree: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How many patch commits `tree` has on top of `pinlab-base`.
+pub fn applied_count(tree: &Path) -> Result<usize> {
+    let n = util::output(git(tree, &["rev-list", "--count", "pinlab-base..HEAD"]))?;
+    n.trim().parse().with_context(|| format!("git rev-list --count printed {n:?} in {}", tree.display()))
+}
+
+/// Drop the last `applied - keep` patch commits of `tree` with `git reset
+/// --hard`, which rewrites only the files that differ: after an edit to
+/// patch 12 of 14, a build recompiles what patches 12–14 touch, not what
+/// patch 1 touched.
+pub fn rewind(tree: &Path, applied: usize, keep: usize) -> Result<()> {
+    if applied > keep {
+        util::output(git(tree, &["reset", "-q", "--hard", &format!("HEAD~{}", applied - keep)]))
+            .with_context(|| format!("Failed to rewind {} to its first {keep} patches", tree.display()))?;
+    }
+    Ok(())
+}
+
 /// A git tree of the pinned source with the series applied as commits
-/// (`cache/trees/patched`). When the new series extends the applied one, only
-/// the new patches are applied (so an incremental build recompiles only what
-/// they touch); otherwise the tree is reset to the base and rebuilt.
+/// (`cache/trees/patched`). The longest unchanged prefix of the applied
+/// series stays (see [`rewind`]); only the patches from the first changed
+/// one on are applied again.
 pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)]) -> Result<PathBuf> {
     let tree = base_tree(cache, "patched")?;
     let keys: Vec<String> =
@@ -320,19 +338,9 @@ pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)]) -> Result<PathB
     if applied == keys {
         return Ok(tree);
     }
-    let head = util::output(git(&tree, &["rev-list", "--count", "pinlab-base..HEAD"]))?;
-    let head_count: usize = head.trim().parse().unwrap_or(usize::MAX);
-    // Keep the commits of the patches that did not change (the longest
-    // common prefix) and drop the rest with `git reset --hard`, which
-    // rewrites only the files that differ: editing patch 12 of 14 then
-    // recompiles what patches 12–14 touch, not what patch 1 touched.
     let common = applied.iter().zip(&keys).take_while(|(a, b)| a == b).count();
-    let start = if stamp.exists() && head_count == applied.len() {
-        if common < applied.len() {
-            let back = format!("HEAD~{}", applied.len() - common);
-            util::run_shown(git(&tree, &["reset", "-q", "--hard", &back]))
-                .with_context(|| format!("Failed to rewind {} to the unchanged prefix", tree.display()))?;
-        }
+    let start = if stamp.exists() && applied_count(&tree).ok() == Some(applied.len()) {
+        rewind(&tree, applied.len(), common)?;
         common
     } else {
         reset_to_base(&tree)?;
@@ -421,6 +429,11 @@ pub fn compile(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, labe
     Ok(n)
 }
 
+/// The source part of a cache key for the pinned Debian source.
+pub fn debian_source_id() -> String {
+    format!("debian:{SOURCE_PACKAGE}={SOURCE_VERSION}")
+}
+
 /// The cache key of a flavor's kernel.
 pub fn cache_key(source_id: &str, series: &[(String, Vec<u8>)], fragments: &[(String, String)]) -> String {
     let mut h = KeyHasher::default();
@@ -454,7 +467,7 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
                 Flavor::Stock => debian_source(cache)?,
                 Flavor::Patched => patched_tree(cache, &series)?,
             };
-            (tree, format!("debian:{SOURCE_PACKAGE}={SOURCE_VERSION}"), flavor.name().to_string())
+            (tree, debian_source_id(), flavor.name().to_string())
         }
         Source::Tree(p) => {
             let p = p.canonicalize().with_context(|| format!("--kernel-tree {} does not exist", p.display()))?;

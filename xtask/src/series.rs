@@ -95,17 +95,12 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
     let _ = std::fs::remove_file(&log);
     let t0 = Instant::now();
 
-    let mut base_hash = util::KeyHasher::default();
-    base_hash.part("source", kernel::SOURCE_VERSION.as_bytes());
-    for (name, text) in kernel::read_fragments()? {
-        base_hash.part(&name, text.as_bytes());
-    }
-    let base_key = base_hash.finish();
+    // The base is the stock kernel: same source, fragments and recipe.
+    let base_key = kernel::cache_key(&kernel::debian_source_id(), &[], &kernel::read_fragments()?);
     let keys = prefix_keys(&base_key, &series);
     let old: Record =
         std::fs::read(&record_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-    let applied = util::output(git(&tree, &["rev-list", "--count", "pinlab-base..HEAD"]))?;
-    let applied: usize = applied.trim().parse().unwrap_or(usize::MAX);
+    let applied = kernel::applied_count(&tree)?;
     // Reuse only what the tree really holds: the record must describe it.
     let keep = if full || old.base_key != base_key || applied != old.patches.len() {
         0
@@ -120,9 +115,7 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
         kernel::compile(cache, &tree, &build_dir, &log, "check-series base")?;
         eprintln!("check-series: base built in {}", util::since(t));
     } else {
-        if applied > keep {
-            util::output(git(&tree, &["reset", "-q", "--hard", &format!("HEAD~{}", applied - keep)]))?;
-        }
+        kernel::rewind(&tree, applied, keep)?;
         eprintln!("check-series: patches 1–{keep} unchanged since they were built; rebuilding from patch {}", keep + 1);
     }
     let mut record = Record { base_key, patches: old.patches.iter().take(keep).cloned().collect() };

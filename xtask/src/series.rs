@@ -116,7 +116,14 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
         eprintln!("check-series: base built in {}", util::since(t));
     } else {
         kernel::rewind(&tree, applied, keep)?;
-        eprintln!("check-series: patches 1–{keep} unchanged since they were built; rebuilding from patch {}", keep + 1);
+        if keep == series.len() {
+            eprintln!("check-series: all {keep} patches unchanged since they were built; only checkpatch runs");
+        } else {
+            eprintln!(
+                "check-series: patches 1–{keep} unchanged since they were built; rebuilding from patch {}",
+                keep + 1
+            );
+        }
     }
     let mut record = Record { base_key, patches: old.patches.iter().take(keep).cloned().collect() };
     let save = |r: &Record| -> Result<()> { util::write_atomic(&record_path, &serde_json::to_vec_pretty(r)?) };

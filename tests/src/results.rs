@@ -96,12 +96,18 @@ pub struct CellResult {
     /// The runner's isolation check failed (see [`ScenarioResult::isolation`]).
     #[serde(default)]
     pub isolation: Option<String>,
+    /// The cell never ran because its boot failed: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_run: Option<String>,
 }
 
 impl CellResult {
     /// The first disagreeing step, or else the step that decided the outcome
     /// (the last one that ran), as `expected → actual` text for tables.
     pub fn headline(&self) -> String {
+        if let Some(why) = &self.not_run {
+            return format!("not run: {why}");
+        }
         let s = self.steps.iter().find(|s| !s.pass).or_else(|| self.steps.iter().rev().find(|s| s.actual != NOT_RUN));
         match s {
             Some(s) if s.pass => format!("{}: {}", s.name, s.actual),
@@ -123,6 +129,9 @@ impl CellResult {
     /// The errno that ends or characterises the run: the first non-ok actual
     /// outcome among executed steps, else `ok`.
     pub fn verdict(&self) -> String {
+        if self.not_run.is_some() {
+            return NOT_RUN.into();
+        }
         self.steps
             .iter()
             .filter(|s| s.actual != NOT_RUN)
@@ -153,6 +162,7 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
         steps,
         ms: got.map(|g| g.ms).unwrap_or(0.0),
         isolation: got.and_then(|g| g.isolation.clone()),
+        not_run: None,
     }
 }
 

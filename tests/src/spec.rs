@@ -21,8 +21,15 @@
 //! `flavor/fs` or `*` (most specific wins). A step that is not a `probe` and
 //! is expected to fail ends the scenario for that flavor: later steps must not
 //! give an expectation for it, and the report shows them as not run.
+//!
+//! The `child` exists only after a `fork` step that succeeds: a step run by
+//! it or naming it (`kill`, `file_pins`, `send_uverbs`) must come after one.
+//! The `receiver` runs from the start, but its `recv_uverbs` must come after
+//! a `send_uverbs` that succeeds, or it would wait for nothing.
+//!
+//! Specs are `*.yaml` or `*.yml`; the file name starts with the id.
 
-use crate::plan::{Action, PlannedScenario, PlannedStep};
+use crate::plan::{Action, PlannedScenario, PlannedStep, Proc};
 use crate::{errno, Flavor, Fs};
 use anyhow::{bail, Context, Result};
 use serde::{de, Deserialize, Deserializer};
@@ -232,7 +239,8 @@ impl Scenario {
             bail!("{file}: id '{}' is not of the form S01..S99", self.id);
         }
         if !stem.is_empty() && !stem.starts_with(&self.id) {
-            bail!("{file}: id '{}' does not match the file name (expected {}-*.yaml)", self.id, self.id);
+            let ext = self.path.extension().and_then(|x| x.to_str()).unwrap_or("yaml");
+            bail!("{file}: id '{}' does not match the file name (expected {}-*.{ext})", self.id, self.id);
         }
         if self.steps.is_empty() {
             bail!("{file}: scenario {} has no steps", self.id);
@@ -270,7 +278,89 @@ impl Scenario {
                 }
             }
         }
+        self.validate_processes()
+    }
+
+    /// The child exists only after a `fork` step that succeeded (the runner
+    /// accepts it then), and `recv_uverbs` waits for a descriptor that a
+    /// `send_uverbs` step must have sent: check both in the file's order and,
+    /// per flavor/filesystem, against the steps expected to succeed there.
+    fn validate_processes(&self) -> Result<()> {
+        let file = self.path.display();
+        let mut fork_before = false;
+        let mut send_before = false;
+        for (i, step) in self.steps.iter().enumerate() {
+            let at = &step.expect.referenced;
+            if let Some(how) = child_use(step).filter(|_| !fork_before) {
+                bail!(
+                    "{file}:{}:{}: step {} ('{}') {how}, but no step before it forks: \
+                     the child exists only after a `fork` step",
+                    at.line(),
+                    at.column(),
+                    i + 1,
+                    step.name
+                );
+            }
+            if matches!(step.action, Action::RecvUverbs) && !send_before {
+                bail!(
+                    "{file}:{}:{}: step {} ('{}') receives the uverbs fd, but no step before it sends one \
+                     (`send_uverbs`): recv_uverbs would wait for it until the step deadline",
+                    at.line(),
+                    at.column(),
+                    i + 1,
+                    step.name
+                );
+            }
+            fork_before |= matches!(step.action, Action::Fork);
+            send_before |= matches!(step.action, Action::SendUverbs { .. });
+        }
+        for flavor in Flavor::ALL {
+            for fs in Fs::ALL {
+                let mut forked = false;
+                let mut sent = false;
+                for (i, step) in self.steps.iter().enumerate() {
+                    let Some(exp) = step.expect.value.for_cell(flavor, fs) else { continue };
+                    let at = &step.expect.referenced;
+                    if let Some(how) = child_use(step).filter(|_| !forked) {
+                        bail!(
+                            "{file}:{}:{}: step {} ('{}') {how} on {flavor}/{fs}, but no earlier `fork` step \
+                             is expected to succeed there, so there is no child",
+                            at.line(),
+                            at.column(),
+                            i + 1,
+                            step.name
+                        );
+                    }
+                    if matches!(step.action, Action::RecvUverbs) && !sent {
+                        bail!(
+                            "{file}:{}:{}: step {} ('{}') receives the uverbs fd on {flavor}/{fs}, but no earlier \
+                             `send_uverbs` step is expected to succeed there, so it would wait until the step deadline",
+                            at.line(),
+                            at.column(),
+                            i + 1,
+                            step.name
+                        );
+                    }
+                    let ok = *exp == Outcome::Ok;
+                    forked |= ok && matches!(step.action, Action::Fork);
+                    sent |= ok && matches!(step.action, Action::SendUverbs { .. });
+                }
+            }
+        }
         Ok(())
+    }
+}
+
+/// How `step` needs the child process, if it does: run by it, or naming it.
+fn child_use(step: &Step) -> Option<&'static str> {
+    if step.by == Proc::Child {
+        return Some("is run by the child");
+    }
+    match step.action {
+        Action::Kill { who: Proc::Child } => Some("kills the child"),
+        Action::FilePins { of: Proc::Child, .. } => Some("reads the child's file_pins"),
+        Action::SendUverbs { to: Proc::Child } => Some("sends the uverbs fd to the child"),
+        _ => None,
     }
 }
 
@@ -295,13 +385,18 @@ pub fn load_file(path: &Path) -> Result<Scenario> {
     parse(&text, path)
 }
 
-/// Read every `*.yaml` in `dir`, sorted by id; ids must be unique.
+/// Whether `path` names a spec file: `*.yaml` or `*.yml`.
+pub fn is_spec_file(path: &Path) -> bool {
+    matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml"))
+}
+
+/// Read every `*.yaml` and `*.yml` in `dir`, sorted by id; ids must be unique.
 pub fn load_dir(dir: &Path) -> Result<Vec<Scenario>> {
     let mut out = Vec::new();
     let entries = std::fs::read_dir(dir).with_context(|| format!("Failed to read {}", dir.display()))?;
     for e in entries {
         let p = e.with_context(|| format!("Failed to read {}", dir.display()))?.path();
-        if p.extension().and_then(|x| x.to_str()) == Some("yaml") {
+        if is_spec_file(&p) {
             out.push(load_file(&p)?);
         }
     }
@@ -314,7 +409,9 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Scenario>> {
     Ok(out)
 }
 
-/// Keep the scenarios whose ids are in `ids` (all if empty); unknown ids are an error.
+/// Keep the scenarios whose ids are in `ids` (all if empty), in `all`'s
+/// order (by id) and each once, however often `ids` repeats it; unknown ids
+/// are an error.
 pub fn select(all: Vec<Scenario>, ids: &[String]) -> Result<Vec<Scenario>> {
     if ids.is_empty() {
         return Ok(all);
@@ -325,7 +422,8 @@ pub fn select(all: Vec<Scenario>, ids: &[String]) -> Result<Vec<Scenario>> {
             bail!("unknown scenario '{id}' (known: {})", known.join(", "));
         }
     }
-    Ok(all.into_iter().filter(|s| ids.contains(&s.id)).collect())
+    let mut seen = std::collections::BTreeSet::new();
+    Ok(all.into_iter().filter(|s| ids.contains(&s.id) && seen.insert(s.id.clone())).collect())
 }
 
 #[cfg(test)]
@@ -425,5 +523,140 @@ steps:
         let all = load_dir(&dir).unwrap();
         assert!(!all.is_empty());
         assert!(select(all, &["S99".into()]).unwrap_err().to_string().contains("unknown scenario"));
+    }
+
+    /// A spec `S13-x.yaml`: step 1 maps (lines 5-7), then `steps`, each
+    /// `(name, lines between name and expect, expect)`, so step 2 starts on
+    /// line 8 and a step's `expect:` is its last line.
+    fn with_steps(steps: &[(&str, &str, &str)]) -> String {
+        let mut s = String::from(
+            "id: S13\ntitle: t\nshows: s\nsteps:\n  - name: map\n    action: {map: {target: file}}\n    expect: ok\n",
+        );
+        for (name, lines, expect) in steps {
+            s.push_str(&format!("  - name: {name}\n"));
+            for l in lines.lines() {
+                s.push_str(&format!("    {l}\n"));
+            }
+            s.push_str(&format!("    expect: {expect}\n"));
+        }
+        s
+    }
+
+    fn p13(s: &str) -> Result<Scenario> {
+        parse(s, Path::new("tests/scenarios/S13-x.yaml"))
+    }
+
+    #[test]
+    fn a_child_step_before_any_fork_is_rejected_with_its_line() {
+        let bad = with_steps(&[("child exits", "by: child\naction: exit", "ok"), ("fork", "action: fork", "ok")]);
+        let e = p13(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("tests/scenarios/S13-x.yaml:11:"), "{e}");
+        assert!(e.contains("step 2 ('child exits') is run by the child, but no step before it forks"), "{e}");
+        // After the fork it is fine.
+        p13(&with_steps(&[("fork", "action: fork", "ok"), ("child exits", "by: child\naction: exit", "ok")])).unwrap();
+    }
+
+    #[test]
+    fn naming_the_child_before_any_fork_is_rejected() {
+        for (action, how) in [
+            ("action: {kill: {who: child}}", "kills the child"),
+            ("action: {file_pins: {of: child}}", "reads the child's file_pins"),
+            ("action: {send_uverbs: {to: child}}", "sends the uverbs fd to the child"),
+        ] {
+            let bad = with_steps(&[("look", &format!("by: other\n{action}"), "ok")]);
+            let e = p13(&bad).unwrap_err().to_string();
+            assert!(e.starts_with("tests/scenarios/S13-x.yaml:11:"), "{e}");
+            assert!(e.contains(&format!("step 2 ('look') {how}, but no step before it forks")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_child_step_where_the_fork_is_expected_to_fail_is_rejected() {
+        let bad = with_steps(&[
+            ("fork", "action: fork\nprobe: true", "{stock: ENOMEM, patched: ok}"),
+            ("child exits", "by: child\naction: exit", "ok"),
+        ]);
+        let e = p13(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("tests/scenarios/S13-x.yaml:15:"), "{e}");
+        assert!(e.contains("is run by the child on stock/ext4, but no earlier `fork` step"), "{e}");
+        // A failed fork that stops the scenario there, with the child step
+        // run only where the fork succeeds, is fine.
+        p13(&with_steps(&[
+            ("fork", "action: fork", "{stock: ENOMEM, patched: ok}"),
+            ("child exits", "by: child\naction: exit", "{patched: ok}"),
+        ]))
+        .unwrap();
+    }
+
+    #[test]
+    fn recv_uverbs_needs_an_earlier_send() {
+        let bad = with_steps(&[
+            ("take", "by: receiver\naction: recv_uverbs", "ok"),
+            ("send", "action: {send_uverbs: {to: receiver}}", "ok"),
+        ]);
+        let e = p13(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("tests/scenarios/S13-x.yaml:11:"), "{e}");
+        assert!(e.contains("step 2 ('take') receives the uverbs fd, but no step before it sends one"), "{e}");
+        // The receiver itself runs from the start: other steps by it may come first.
+        p13(&with_steps(&[
+            ("receiver maps", "by: receiver\naction: {map: {target: anon}}", "ok"),
+            ("send", "action: {send_uverbs: {to: receiver}}", "ok"),
+            ("take", "by: receiver\naction: recv_uverbs", "ok"),
+        ]))
+        .unwrap();
+    }
+
+    /// A fresh empty directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            let d = std::env::temp_dir().join(format!("pinlab-spec-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn load_dir_reads_yml_as_well_as_yaml() {
+        let d = TempDir::new("yml");
+        std::fs::write(d.0.join("S02-a.yaml"), GOOD).unwrap();
+        std::fs::write(d.0.join("S03-b.yml"), GOOD.replace("id: S02", "id: S03")).unwrap();
+        std::fs::write(d.0.join("README.md"), "not a spec").unwrap();
+        let all = load_dir(&d.0).unwrap();
+        let ids: Vec<_> = all.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["S02", "S03"]);
+        // The id/file name check holds for .yml too, and names the extension.
+        std::fs::write(d.0.join("S04-c.yml"), GOOD).unwrap();
+        let e = load_dir(&d.0).unwrap_err().to_string();
+        assert!(e.contains("S04-c.yml: id 'S02' does not match the file name (expected S02-*.yml)"), "{e}");
+        // The same id in a .yaml and a .yml is a duplicate.
+        std::fs::remove_file(d.0.join("S04-c.yml")).unwrap();
+        std::fs::write(d.0.join("S03-c.yaml"), GOOD.replace("id: S02", "id: S03")).unwrap();
+        let e = load_dir(&d.0).unwrap_err().to_string();
+        assert!(e.contains("both define scenario S03"), "{e}");
+    }
+
+    #[test]
+    fn select_runs_a_repeated_id_once() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let all = load_dir(&dir).unwrap();
+        let ids = |v: &[Scenario]| v.iter().map(|s| s.id.clone()).collect::<Vec<_>>();
+        let got = select(all.clone(), &["S02".into(), "S02".into()]).unwrap();
+        assert_eq!(ids(&got), ["S02"]);
+        let got = select(all.clone(), &["S03".into(), "S02".into(), "S03".into()]).unwrap();
+        assert_eq!(ids(&got), ["S02", "S03"]);
+        // Even if the list itself held a scenario twice.
+        let mut twice = all.clone();
+        twice.push(all[0].clone());
+        let got = select(twice, &[all[0].id.clone(), all[0].id.clone()]).unwrap();
+        assert_eq!(ids(&got), [all[0].id.clone()]);
     }
 }

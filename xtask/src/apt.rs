@@ -4,6 +4,9 @@
 
 use crate::util::{self, Cache};
 use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -84,6 +87,7 @@ impl Apt {
         if fresh && !force {
             return Ok(());
         }
+        let _lock = util::FileLock::exclusive(&self.root.join("update.lock"))?;
         let mut c = self.cmd("apt-get");
         c.args(["update", "-q"]);
         eprintln!("$ APT_CONFIG={} apt-get update -q", self.conf.display());
@@ -92,69 +96,84 @@ impl Apt {
         Ok(())
     }
 
-    /// The .deb for `name=version` in the shared download dir, downloading it
-    /// if it is not there yet.
-    pub fn fetch(&self, name: &str, version: &str) -> Result<PathBuf> {
-        if let Some(p) = self.cached(name, version)? {
-            return Ok(p);
+    /// The archive index (the `Packages` files of the private lists) for
+    /// the packages named in `names`: every version each suite serves, with
+    /// the size and SHA-256 the archive promises for its .deb.
+    pub fn index(&self, names: &BTreeSet<String>) -> Result<Index> {
+        let lists = self.root.join("state/lists");
+        let mut idx = Index::default();
+        let rd = std::fs::read_dir(&lists).with_context(|| format!("Failed to read {}", lists.display()))?;
+        for e in rd {
+            let p = e.with_context(|| format!("Failed to read {}", lists.display()))?.path();
+            let f = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
+            if !f.ends_with("_Packages") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
+            parse_packages(&text, names, &mut idx);
         }
-        self.update(false)?;
-        let mut c = self.cmd("apt-get");
-        c.current_dir(&self.debs).args(["download", "-q"]).arg(format!("{name}={version}"));
-        if let Err(e) = util::output(c) {
-            // The lists may be a day old; retry once with fresh ones.
-            self.update(true)?;
-            let mut c = self.cmd("apt-get");
-            c.current_dir(&self.debs).args(["download", "-q"]).arg(format!("{name}={version}"));
-            util::output(c).with_context(|| {
-                format!("Failed to download {name}={version} (first try: {e:#}). If Debian no longer serves this version, update the pin.")
-            })?;
-        }
-        self.cached(name, version)?.with_context(|| {
-            format!("apt-get download {name}={version} succeeded but no .deb appeared in {}", self.debs.display())
-        })
+        Ok(idx)
     }
 
-    /// The .debs for all of `pkgs`, downloading the missing ones in one apt-get call.
-    pub fn fetch_all(&self, pkgs: &[(String, String)]) -> Result<Vec<PathBuf>> {
+    /// Ensure the archive serves every `(name, version)` of `pins`: the lists
+    /// are refreshed if one is missing and they are more than an hour old
+    /// (they may be a day old). Returns the index and the pins it still lacks.
+    pub fn index_for(&self, pins: &[(String, String)], extra: &[String]) -> Result<(Index, Vec<(String, String)>)> {
+        let mut names: BTreeSet<String> = pins.iter().map(|(n, _)| n.clone()).collect();
+        names.extend(extra.iter().cloned());
+        self.update(false)?;
+        let mut idx = self.index(&names)?;
+        if pins.iter().any(|(n, v)| idx.get(n, v).is_none()) && !self.updated_now() {
+            self.update(true)?;
+            idx = self.index(&names)?;
+        }
+        let missing = pins.iter().filter(|(n, v)| idx.get(n, v).is_none()).cloned().collect();
+        Ok((idx, missing))
+    }
+
+    fn updated_now(&self) -> bool {
+        self.root
+            .join("state/updated")
+            .metadata()
+            .and_then(|m| m.modified())
+            .map(|t| t.elapsed().map(|e| e.as_secs() < 3600).unwrap_or(false))
+            .unwrap_or(false)
+    }
+
+    /// The verified .debs of `pkgs` (each must be in `idx`): a cached .deb is
+    /// used only if its size and SHA-256 match the archive index (a damaged
+    /// one is deleted and fetched again, with one line saying why); the
+    /// missing ones are downloaded in one `apt-get download`.
+    pub fn fetch_verified(&self, idx: &Index, pkgs: &[(String, String)]) -> Result<Vec<PathBuf>> {
+        let _lock = util::FileLock::exclusive(&self.root.join("fetch.lock"))?;
+        let mut out = Vec::new();
         let mut missing = Vec::new();
         for (n, v) in pkgs {
-            if self.cached(n, v)?.is_none() {
-                missing.push(format!("{n}={v}"));
+            let entry = idx.get(n, v).with_context(|| format!("{n}={v} is not in the archive index"))?;
+            let path = self.debs.join(deb_file_name(n, entry));
+            match verify_deb(&path, entry) {
+                Ok(()) => {}
+                Err(Damage::Missing) => missing.push(format!("{n}={v}")),
+                Err(d) => {
+                    eprintln!("apt: cached {} is damaged ({d}); fetching it again", path.display());
+                    std::fs::remove_file(&path).with_context(|| format!("Failed to remove {}", path.display()))?;
+                    missing.push(format!("{n}={v}"));
+                }
             }
+            out.push(path);
         }
         if !missing.is_empty() {
-            self.update(false)?;
-            let download = |missing: &[String]| {
-                let mut c = self.cmd("apt-get");
-                c.current_dir(&self.debs).args(["download", "-q"]).args(missing);
-                util::output(c)
-            };
-            if download(&missing).is_err() {
-                self.update(true)?;
-                download(&missing).context(
-                    "Failed to download the rootfs packages. If Debian no longer serves a pinned version, \
-                     run `cargo xtask image --update-lock`",
-                )?;
-            }
+            let mut c = self.cmd("apt-get");
+            c.current_dir(&self.debs).args(["download", "-q"]).args(&missing);
+            util::output(c).with_context(|| format!("Failed to download {} package(s) from Debian", missing.len()))?;
         }
-        pkgs.iter()
-            .map(|(n, v)| self.cached(n, v)?.with_context(|| format!("{n}={v} was downloaded but no .deb appeared")))
-            .collect()
-    }
-
-    fn cached(&self, name: &str, version: &str) -> Result<Option<PathBuf>> {
-        // apt names files NAME_VERSION_ARCH.deb with ':' in the version escaped as %3a.
-        let v = version.replace(':', "%3a");
-        let prefix = format!("{name}_{v}_");
-        for e in std::fs::read_dir(&self.debs)? {
-            let p = e?.path();
-            let f = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
-            if f.starts_with(&prefix) && f.ends_with(".deb") {
-                return Ok(Some(p));
-            }
+        for ((n, v), path) in pkgs.iter().zip(&out) {
+            let entry = idx.get(n, v).context("index entry vanished")?;
+            verify_deb(path, entry).map_err(|d| {
+                anyhow::anyhow!("{} was just downloaded but is damaged ({d}); the mirror may be broken", path.display())
+            })?;
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// Resolve `names` and all their dependencies (no recommends) to exact
@@ -168,6 +187,133 @@ impl Apt {
         pkgs.sort();
         Ok(pkgs)
     }
+}
+
+/// One .deb as the archive index describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Exact version.
+    pub version: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// SHA-256, hex.
+    pub sha256: String,
+    /// `amd64` or `all`.
+    pub arch: String,
+}
+
+/// Every served version of the packages asked for, by name.
+#[derive(Clone, Debug, Default)]
+pub struct Index(BTreeMap<String, Vec<Entry>>);
+
+impl Index {
+    /// The entry for `name=version`, if the archive serves it.
+    pub fn get(&self, name: &str, version: &str) -> Option<&Entry> {
+        self.0.get(name)?.iter().find(|e| e.version == version)
+    }
+
+    /// Every version served of `name`.
+    pub fn versions(&self, name: &str) -> Vec<&str> {
+        self.0.get(name).map(|v| v.iter().map(|e| e.version.as_str()).collect()).unwrap_or_default()
+    }
+}
+
+/// Add the stanzas of a `Packages` file whose `Package:` is in `names`.
+pub fn parse_packages(text: &str, names: &BTreeSet<String>, idx: &mut Index) {
+    for stanza in text.split("\n\n") {
+        let mut name = None;
+        let (mut version, mut size, mut sha, mut arch) = (None, None, None, None);
+        for l in stanza.lines() {
+            if let Some(v) = l.strip_prefix("Package: ") {
+                if !names.contains(v.trim()) {
+                    break;
+                }
+                name = Some(v.trim());
+            } else if let Some(v) = l.strip_prefix("Version: ") {
+                version = Some(v.trim());
+            } else if let Some(v) = l.strip_prefix("Size: ") {
+                size = v.trim().parse::<u64>().ok();
+            } else if let Some(v) = l.strip_prefix("SHA256: ") {
+                sha = Some(v.trim());
+            } else if let Some(v) = l.strip_prefix("Architecture: ") {
+                arch = Some(v.trim());
+            }
+        }
+        if let (Some(n), Some(v), Some(sz), Some(h)) = (name, version, size, sha) {
+            let list = idx.0.entry(n.to_string()).or_default();
+            if !list.iter().any(|e| e.version == v) {
+                let arch = arch.unwrap_or("amd64").to_string();
+                list.push(Entry { version: v.to_string(), size: sz, sha256: h.to_string(), arch });
+            }
+        }
+    }
+}
+
+/// apt's file name for a downloaded .deb: `NAME_VERSION_ARCH.deb`, ':' as %3a.
+pub fn deb_file_name(name: &str, e: &Entry) -> String {
+    format!("{name}_{}_{}.deb", e.version.replace(':', "%3a"), e.arch)
+}
+
+/// Why a cached .deb cannot be used.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Damage {
+    /// Not there.
+    Missing,
+    /// Size differs from the index.
+    Size(u64, u64),
+    /// Hash differs from the index.
+    Hash,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Damage::Missing => f.write_str("missing"),
+            Damage::Size(got, want) => write!(f, "{got} bytes, the archive index says {want}"),
+            Damage::Hash => f.write_str("SHA-256 differs from the archive index"),
+        }
+    }
+}
+
+/// Check a .deb against its index entry (size first: cheap).
+pub fn verify_deb(path: &Path, e: &Entry) -> std::result::Result<(), Damage> {
+    let Ok(meta) = path.metadata() else { return Err(Damage::Missing) };
+    if meta.len() != e.size {
+        return Err(Damage::Size(meta.len(), e.size));
+    }
+    let mut f = std::fs::File::open(path).map_err(|_| Damage::Missing)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(_) => return Err(Damage::Hash),
+        }
+    }
+    let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    if got != e.sha256 {
+        return Err(Damage::Hash);
+    }
+    Ok(())
+}
+
+/// The newest of `versions` by Debian's ordering (`dpkg --compare-versions`).
+pub fn newest(versions: &[&str]) -> Result<Option<String>> {
+    let mut best: Option<&str> = None;
+    for v in versions {
+        best = match best {
+            None => Some(v),
+            Some(b) => {
+                let st = Command::new("dpkg")
+                    .args(["--compare-versions", v, "gt", b])
+                    .status()
+                    .context("Failed to run dpkg --compare-versions (package dpkg)")?;
+                Some(if st.success() { v } else { b })
+            }
+        };
+    }
+    Ok(best.map(String::from))
 }
 
 /// `Inst libc6 (2.41-12 Debian:13.2/stable [amd64])` → (`libc6`, `2.41-12`).
@@ -187,6 +333,46 @@ pub fn parse_simulated_install(out: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PACKAGES: &str = "Package: libc6\nSource: glibc\nVersion: 2.41-12+deb13u5\nSize: 4\n\
+SHA256: 88d4266fd4e6338d13b845fcf289579d209c897823b9217da3e161936f031589\nDescription: x\n\n\
+Package: bash\nArchitecture: all\nVersion: 5.2.37-2+b10\nSize: 10\nSHA256: 00\n\n\
+Package: libc6\nVersion: 2.41-12+deb13u4\nSize: 7\nSHA256: 11\n";
+
+    #[test]
+    fn index_keeps_the_asked_packages_and_all_their_versions() {
+        let mut idx = Index::default();
+        let names: BTreeSet<String> = ["libc6".to_string()].into();
+        parse_packages(PACKAGES, &names, &mut idx);
+        assert_eq!(idx.versions("libc6"), vec!["2.41-12+deb13u5", "2.41-12+deb13u4"]);
+        assert!(idx.versions("bash").is_empty());
+        assert_eq!(idx.get("libc6", "2.41-12+deb13u5").unwrap().size, 4);
+    }
+
+    #[test]
+    fn debs_are_verified_against_the_index() {
+        let d = tempfile::tempdir().unwrap();
+        let mut idx = Index::default();
+        parse_packages(PACKAGES, &["libc6".to_string()].into(), &mut idx);
+        let e = idx.get("libc6", "2.41-12+deb13u5").unwrap();
+        let p = d.path().join(deb_file_name("libc6", e));
+        assert_eq!(verify_deb(&p, e), Err(Damage::Missing));
+        std::fs::write(&p, b"").unwrap();
+        assert_eq!(verify_deb(&p, e), Err(Damage::Size(0, 4)));
+        std::fs::write(&p, b"abcd").unwrap();
+        assert_eq!(verify_deb(&p, e), Ok(()));
+        std::fs::write(&p, b"abce").unwrap();
+        assert_eq!(verify_deb(&p, e), Err(Damage::Hash));
+        let bb = Entry { version: "1:1.37.0-6+b9".into(), size: 1, sha256: String::new(), arch: "all".into() };
+        assert_eq!(deb_file_name("busybox", &bb), "busybox_1%3a1.37.0-6+b9_all.deb");
+    }
+
+    #[test]
+    fn newest_uses_debian_ordering() {
+        let v = newest(&["6.12.117-1", "6.12.118-1", "6.12.99-1", "6.12.118~rc1-1"]).unwrap();
+        assert_eq!(v.as_deref(), Some("6.12.118-1"));
+        assert_eq!(newest(&[]).unwrap(), None);
+    }
 
     #[test]
     fn parses_apt_simulation() {

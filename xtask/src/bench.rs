@@ -10,8 +10,7 @@
 //! Missing a target is reported, not an error: the exit code is non-zero
 //! only when a figure could not be measured or a boot failed.
 
-use crate::host::{self, Need};
-use crate::kernel::{self, Source};
+use crate::kernel;
 use crate::ui;
 use crate::util::{self, Cache};
 use crate::vm::{self, Accel, BootSpec, Deadlines};
@@ -34,6 +33,8 @@ pub struct BenchOpts {
     pub reps: Option<u32>,
     /// `--accel`.
     pub accel: Option<Accel>,
+    /// `--locked`.
+    pub locked: bool,
 }
 
 /// One boot's measurements.
@@ -130,22 +131,24 @@ fn machine(accel: Accel) -> String {
 
 /// `cargo xtask bench`.
 pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
-    host::ensure(&[Need::Kernel, Need::Demos, Need::Image, Need::Boot], false)?;
-    host::ensure_virtiofsd(cache, false)?;
     let flavor = match opts.flavor {
         Some(f) => f,
         None if kernel::available_flavors()?.contains(&Flavor::Patched) => Flavor::Patched,
         None => Flavor::Stock,
     };
     let fss = if opts.fss.is_empty() { Fs::ALL.to_vec() } else { opts.fss.clone() };
-    let accel = vm::choose_accel(opts.accel);
+    let lab = crate::lab::prepare(
+        cache,
+        &crate::lab::LabOpts { flavors: vec![flavor], accel: opts.accel, locked: opts.locked, ..Default::default() },
+    )?;
+    let accel = lab.accel;
     let mut plan_b = BenchPlan::default();
     if let Some(r) = opts.reps {
         anyhow::ensure!(r >= 1, "--reps must be at least 1");
         plan_b.reps = r;
     }
-    let k = kernel::build(cache, flavor, &Source::Debian)?;
-    let rootfs = crate::image::build(cache)?;
+    let k = &lab.kernels[0];
+    let rootfs = &lab.rootfs;
 
     let id = util::utc_stamp(SystemTime::now());
     let dir = util::target_dir().join("bench").join(&id);
@@ -157,7 +160,7 @@ pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
     );
     let mut boots = Vec::new();
     for &fs in &fss {
-        boots.push(boot_bench(cache, &k, &rootfs, &dir, fs, accel, &plan_b)?);
+        boots.push(boot_bench(&lab.virtiofsd, k, rootfs, &dir, fs, accel, &plan_b)?);
     }
     let b = Bench { id, machine, flavor, plan: plan_b, boots };
     std::fs::write(dir.join("bench.json"), serde_json::to_vec_pretty(&b)?)?;
@@ -173,7 +176,7 @@ pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
 }
 
 fn boot_bench(
-    cache: &Cache,
+    virtiofsd: &std::path::Path,
     k: &kernel::Kernel,
     rootfs: &std::path::Path,
     dir: &std::path::Path,
@@ -187,7 +190,7 @@ fn boot_bench(
     let label = format!("bench {}/{}", k.flavor, fs);
     let pb = ui::spinner(format!("{label}: booting"));
     let mut on_line = |line: &str| {
-        if let Some(rest) = line.split("PINLAB-BENCH ").nth(1) {
+        if let Some(rest) = line.split(crate::console::MARK_BENCH).nth(1) {
             pb.set_message(format!("{label}: {rest}"));
         } else if line.contains(crate::console::MARK_RUNNER) {
             pb.set_message(format!("{label}: runner started, setting up the lab"));
@@ -195,11 +198,18 @@ fn boot_bench(
     };
     let mut deadlines = Deadlines::for_plan(accel, &plan);
     // Registrations of hundreds of MiB and bandwidth runs, under TCG.
-    deadlines.run += Duration::from_secs(60 * u64::from(bp.reps) * if accel == Accel::Tcg { 3 } else { 1 });
-    let out = vm::boot(
-        cache,
-        BootSpec { kernel: &k.bzimage, rootfs, dir: &boot_dir, plan: &plan, accel, deadlines, on_line: &mut on_line },
-    )?;
+    // One figure is several registrations of 256 MiB or bandwidth runs under TCG.
+    deadlines.stall += Duration::from_secs(20 * u64::from(bp.reps) * if accel == Accel::Tcg { 3 } else { 1 });
+    let out = vm::boot(BootSpec {
+        kernel: &k.bzimage,
+        virtiofsd,
+        rootfs,
+        dir: &boot_dir,
+        plan: &plan,
+        accel,
+        deadlines,
+        on_line: &mut on_line,
+    })?;
     pb.finish_and_clear();
     let mut failure = out.failure.clone();
     if !out.splats.is_empty() {

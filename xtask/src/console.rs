@@ -32,6 +32,9 @@ pub fn step_line(line: &str) -> Option<StepLine<'_>> {
     Some(StepLine { id, index, outcome, rest: it.next().unwrap_or("") })
 }
 
+/// Printed by the runner after each bench figure: `PINLAB-BENCH <figure>`.
+pub const MARK_BENCH: &str = "PINLAB-BENCH ";
+
 /// Printed by pinlab-init after the runner finished and results are synced.
 pub const MARK_DONE: &str = "PINLAB-DONE";
 
@@ -48,12 +51,8 @@ pub struct Splat {
 
 /// (kind, substring) pairs; checked after stripping the printk timestamp.
 const PATTERNS: &[(&str, &str)] = &[
+    // Specific kinds first: their lines also say "BUG:" or "WARNING:".
     ("Kernel panic", "Kernel panic - not syncing"),
-    ("Oops", "Oops: "),
-    ("Oops", "] Oops"),
-    ("BUG", "BUG: "),
-    ("BUG", "kernel BUG at "),
-    ("WARNING", "WARNING: "),
     ("KASAN", "KASAN: "),
     ("UBSAN", "UBSAN: "),
     ("lockdep", "possible circular locking dependency detected"),
@@ -61,10 +60,15 @@ const PATTERNS: &[(&str, &str)] = &[
     ("lockdep", "inconsistent lock state"),
     ("lockdep", "suspicious RCU usage"),
     ("hung task", "blocked for more than"),
-    ("general protection fault", "general protection fault"),
     ("soft lockup", "soft lockup - CPU#"),
     ("RCU stall", "rcu_sched self-detected stall"),
     ("RCU stall", "rcu: INFO: rcu_preempt detected stalls"),
+    ("general protection fault", "general protection fault"),
+    ("Oops", "Oops: "),
+    ("Oops", "] Oops"),
+    ("BUG", "BUG: "),
+    ("BUG", "kernel BUG at "),
+    ("WARNING", "WARNING: "),
 ];
 
 /// Strip a `[    1.234567] ` printk timestamp.
@@ -125,16 +129,16 @@ PINLAB-DONE
     fn each_splat_kind_fails() {
         let cases = [
             ("[   12.000000] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100", "Kernel panic"),
-            ("[    3.000000] Oops: general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP", "Oops"),
+            ("[    3.000000] Oops: general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP", "general protection fault"),
             ("[    3.000000] BUG: kernel NULL pointer dereference, address: 0000000000000008", "BUG"),
             ("[    3.000000] kernel BUG at mm/gup.c:123!", "BUG"),
             ("[    3.000000] WARNING: CPU: 1 PID: 77 at fs/dax.c:400 dax_disassociate_entry+0x5b/0x70", "WARNING"),
-            ("[    3.000000] BUG: KASAN: use-after-free in ib_umem_release+0x1c/0x80", "BUG"),
+            ("[    3.000000] BUG: KASAN: use-after-free in ib_umem_release+0x1c/0x80", "KASAN"),
             ("[    3.000000] ==================================================================\n[    3.000001] KASAN: maybe wild-memory-access in range", "KASAN"),
-            ("[    3.000000] WARNING: possible circular locking dependency detected", "WARNING"),
+            ("[    3.000000] WARNING: possible circular locking dependency detected", "lockdep"),
             ("[    3.000000] possible recursive locking detected", "lockdep"),
             ("[  243.000000] INFO: task truncate:123 blocked for more than 120 seconds.", "hung task"),
-            ("[    3.000000] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [qemu:1]", "BUG"),
+            ("[    3.000000] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [qemu:1]", "soft lockup"),
             ("[    3.000000] UBSAN: shift-out-of-bounds in fs/locks.c:10:2", "UBSAN"),
         ];
         for (text, kind) in cases {

@@ -24,6 +24,8 @@ xflags::xflags! {
                 optional --kernel-tree path: PathBuf
                 /// Never install missing host packages; print the command instead.
                 optional --no-install
+                /// Fail if Debian no longer serves a pinned version (default: use the current one and say so).
+                optional --locked
             }
             /// Apply kernel-patches/ one at a time: build after each (incrementally) and run checkpatch --strict.
             /// Patches unchanged since a successful check are not rebuilt.
@@ -43,6 +45,8 @@ xflags::xflags! {
             optional --update-lock
             /// Never install missing host packages; print the command instead.
             optional --no-install
+            /// Fail if Debian no longer serves a pinned version (default: use the current one and say so).
+            optional --locked
         }
 
         /// Boot kernels and run scenarios. `run demo` runs every flavor on ext4 and xfs.
@@ -63,6 +67,8 @@ xflags::xflags! {
             optional --no-install
             /// Narrate each step as it happens: what is tried, what the kernel answered.
             optional --explain
+            /// Fail if Debian no longer serves a pinned version (default: use the current one and say so).
+            optional --locked
         }
 
         /// Boot the lab (DAX mounted, rxe up, demos on PATH) into a shell on this terminal.
@@ -73,6 +79,8 @@ xflags::xflags! {
             optional --fs fs: Fs
             /// kvm or tcg (default: what the KVM probe found).
             optional --accel accel: Accel
+            /// Fail if Debian no longer serves a pinned version (default: use the current one and say so).
+            optional --locked
         }
 
         /// The full test suite: unit tests, then the end-to-end scenarios.
@@ -81,6 +89,8 @@ xflags::xflags! {
             optional --unit
             /// kvm or tcg (default: what the KVM probe found).
             optional --accel accel: Accel
+            /// Fail if Debian no longer serves a pinned version (default: use the current one and say so).
+            optional --locked
         }
 
         /// Measure DESIGN.md's speed targets: boot to scenario start, ibv_reg_mr and RDMA WRITE
@@ -94,6 +104,8 @@ xflags::xflags! {
             optional --reps n: u32
             /// kvm or tcg (default: what the KVM probe found).
             optional --accel accel: Accel
+            /// Fail if Debian no longer serves a pinned version (default: use the current one and say so).
+            optional --locked
         }
 
         /// Remove pinlab's caches (kernels, rootfs, downloads) and run outputs.

@@ -112,6 +112,13 @@ pub fn requirements() -> Vec<Req> {
         },
         Req { what: "pkg-config", package: "pkg-config", check: Program("pkg-config"), needed_for: Virtiofsd },
         Req { what: "chromium (report test)", package: "chromium", check: Program("chromium"), needed_for: Test },
+        Req { what: "git (kernel trees)", package: "git", check: Program("git"), needed_for: Kernel },
+        Req {
+            what: "Debian archive keyring (rootfs, kernel source)",
+            package: "debian-archive-keyring",
+            check: AnyFile(&["/usr/share/keyrings/debian-archive-keyring.gpg"]),
+            needed_for: Image,
+        },
     ]
 }
 
@@ -150,9 +157,24 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
     let mut update = Command::new("apt-get");
     update.args(["update", "-q"]);
     util::run_shown(update).context("Failed to run apt-get update")?;
+    // Install, never remove: apt's plan may remove a package to satisfy a
+    // new one (qemu-system-x86 once took qemu-utils with it, accepted by -y).
+    let mut sim = Command::new("apt-get");
+    sim.args(["install", "-s", "-q", "--no-install-recommends"]).args(&pkgs);
+    let plan = util::output(sim).with_context(|| format!("apt-get cannot plan `{cmd}`"))?;
+    let removed = removals(&plan);
+    if !removed.is_empty() {
+        bail!(
+            "installing the missing host packages would REMOVE {}: {}\npinlab never removes host packages. \
+             Review and run it yourself:\n    sudo {cmd}",
+            removed.len(),
+            removed.join(", ")
+        );
+    }
     let mut install = Command::new("apt-get");
     install
-        .args(["install", "-y", "-q", "--no-install-recommends"])
+        // --no-remove: if apt's plan changes between the check and now, abort rather than remove.
+        .args(["install", "-y", "-q", "--no-remove", "--no-install-recommends"])
         .args(&pkgs)
         .env("DEBIAN_FRONTEND", "noninteractive");
     util::run_shown(install).with_context(|| format!("Failed to install host packages; try `{cmd}` by hand"))?;
@@ -162,6 +184,14 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
         bail!("still missing after apt-get install: {}", still.join(", "));
     }
     Ok(())
+}
+
+/// The packages an `apt-get install -s` plan removes (`Remv NAME [VERSION]`).
+pub fn removals(plan: &str) -> Vec<String> {
+    plan.lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
 }
 
 /// Whether pinlab runs as root (then it may install host packages itself).
@@ -191,19 +221,52 @@ pub fn find_virtiofsd(cache: &Cache) -> Option<PathBuf> {
         .find(|p| util::is_executable(p))
 }
 
+/// Whether `bin` is a virtiofsd that runs (`--version` succeeds and names it).
+pub fn virtiofsd_works(bin: &Path) -> Result<(), String> {
+    match Command::new(bin).arg("--version").stdin(std::process::Stdio::null()).output() {
+        Ok(o) if o.status.success() && String::from_utf8_lossy(&o.stdout).contains("virtiofsd") => Ok(()),
+        Ok(o) => Err(format!("`{} --version` failed ({})", bin.display(), o.status)),
+        Err(e) => Err(format!("`{} --version` could not run: {e}", bin.display())),
+    }
+}
+
 /// A usable virtiofsd, installed with `cargo install virtiofsd --locked` into
-/// the cache when there is none (about 1.5 minutes, once).
+/// the cache when there is none that works (about 1.5 minutes, once): built
+/// into a staging root under a lock and moved into place when complete.
 pub fn ensure_virtiofsd(cache: &Cache, no_install: bool) -> Result<PathBuf> {
-    if let Some(p) = find_virtiofsd(cache) {
-        return Ok(p);
+    let usable = |p: Option<PathBuf>| -> Result<Option<PathBuf>, String> {
+        match p {
+            None => Ok(None),
+            Some(p) => virtiofsd_works(&p).map(|()| Some(p)),
+        }
+    };
+    match usable(find_virtiofsd(cache)) {
+        Ok(Some(p)) => return Ok(p),
+        Ok(None) => {}
+        Err(why) => eprintln!("pinlab: the cached virtiofsd is damaged ({why}); rebuilding it"),
     }
     ensure(&[Need::Virtiofsd], no_install)?;
     let root = cache.dir("tools")?;
+    let _lock = util::FileLock::exclusive(&cache.dir("locks")?.join("virtiofsd.lock"))?;
+    let own = root.join("bin/virtiofsd");
+    if virtiofsd_works(&own).is_ok() {
+        return Ok(own);
+    }
     eprintln!("pinlab: building virtiofsd once into {} (about 1.5 minutes on 2 cores)", root.display());
-    let mut c = Command::new("cargo");
-    c.args(["install", "virtiofsd", "--locked", "--root"]).arg(&root);
-    util::run_shown(c).context("Failed to build virtiofsd (needs libseccomp-dev and libcap-ng-dev)")?;
-    find_virtiofsd(cache).context("cargo install virtiofsd finished but no virtiofsd binary appeared")
+    let staging = util::staging_path(&root.join("virtiofsd-root"));
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.args(["install", "virtiofsd", "--locked", "--quiet", "--root"]).arg(&staging);
+    let log = cache.dir("tools")?.join("virtiofsd-build.log");
+    let _ = std::fs::remove_file(&log);
+    util::run_logged(c, &log, |_| {}).context("Failed to build virtiofsd (needs libseccomp-dev and libcap-ng-dev)")?;
+    let built = staging.join("bin/virtiofsd");
+    virtiofsd_works(&built).map_err(|e| anyhow::anyhow!("cargo install virtiofsd built a broken binary: {e}"))?;
+    std::fs::create_dir_all(root.join("bin"))
+        .with_context(|| format!("Failed to create {}", root.join("bin").display()))?;
+    std::fs::rename(&built, &own)
+        .with_context(|| format!("Failed to move {} to {}", built.display(), own.display()))?;
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(own)
 }
 
 /// Free space in the filesystem holding `p`, in bytes.
@@ -264,4 +327,17 @@ pub fn doctor(cache: &Cache) -> Result<()> {
         println!("(`cargo xtask run demo` does this itself when run as root.)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removals_are_read_from_the_plan() {
+        let plan = "NOTE: This is only a simulation!\nRemv qemu-utils [1:7.2+dfsg-7]\n\
+                    Inst qemu-system-x86 (1:7.2+dfsg-7 Debian:12.8/stable [amd64])\nConf qemu-system-x86\n";
+        assert_eq!(removals(plan), vec!["qemu-utils".to_string()]);
+        assert!(removals("Inst lz4 (1.9.4-1 Debian [amd64])\n").is_empty());
+    }
 }

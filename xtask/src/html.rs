@@ -63,7 +63,9 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>pinlab run {id}</title><style>{CSS}</style></head><body>\n\
          <h1>pinlab: RDMA pins on FS-DAX, stock vs patched Linux 6.12</h1>\n\
          <p class=\"summary {cls}\" id=\"summary\">{passed} of {n} cells as expected · run <span class=\"mono\">{id}</span> · accelerator {accel} · {wall:.0} s</p>\n\
+         <p class=\"small\" id=\"provenance\">{prov}</p>\n\
          <h2>The problem</h2>\n<p>{PROBLEM}</p>\n",
+        prov = esc(&crate::report::provenance_line(&r.provenance)),
         id = esc(&r.run_id),
         cls = if r.pass { "pass" } else { "fail" },
         n = r.results.len(),
@@ -203,18 +205,29 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
 
 /// `junit.xml`: one testcase per scenario × flavor × filesystem.
 pub fn junit(specs: &[Scenario], r: &RunResults) -> String {
-    let failures = r.results.iter().filter(|c| !c.pass).count();
+    // A cell whose boot died (deadline, crash, QEMU failing) is an <error>:
+    // the test could not give its answer. A wrong answer is a <failure>.
+    let boot_failure = |c: &CellResult| -> Option<String> {
+        if let Some(why) = &c.not_run {
+            return Some(format!("not run: {why}"));
+        }
+        r.boots.iter().find(|b| b.flavor == c.flavor && b.fs == c.fs).and_then(|b| {
+            b.failure.clone().or_else(|| (!b.splats.is_empty()).then(|| format!("kernel splat: {}", b.splats[0])))
+        })
+    };
+    let errors = r.results.iter().filter(|c| !c.pass && boot_failure(c).is_some()).count();
+    let failures = r.results.iter().filter(|c| !c.pass).count() - errors;
     let mut s = String::new();
     let _ = writeln!(s, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
     let _ = writeln!(
         s,
-        "<testsuites name=\"pinlab\" tests=\"{}\" failures=\"{failures}\" time=\"{:.3}\">",
+        "<testsuites name=\"pinlab\" tests=\"{}\" failures=\"{failures}\" errors=\"{errors}\" time=\"{:.3}\">",
         r.results.len(),
         r.wall_s
     );
     let _ = writeln!(
         s,
-        "  <testsuite name=\"pinlab.{}\" tests=\"{}\" failures=\"{failures}\">",
+        "  <testsuite name=\"pinlab.{}\" tests=\"{}\" failures=\"{failures}\" errors=\"{errors}\">",
         esc(&r.run_id),
         r.results.len()
     );
@@ -231,6 +244,13 @@ pub fn junit(specs: &[Scenario], r: &RunResults) -> String {
         );
         if c.pass {
             s.push_str("/>\n");
+        } else if let Some(why) = boot_failure(c) {
+            let _ = writeln!(
+                s,
+                ">\n      <error message=\"{}\">{}</error>\n    </testcase>",
+                esc(why.lines().next().unwrap_or("")),
+                esc(&why)
+            );
         } else {
             let body: Vec<String> = c
                 .steps
@@ -257,4 +277,75 @@ pub fn junit(specs: &[Scenario], r: &RunResults) -> String {
     }
     s.push_str("  </testsuite>\n</testsuites>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::BootRecord;
+    use pinlab_scenarios::results::StepCheck;
+
+    fn cell(flavor: Flavor, fs: Fs, pass: bool, not_run: Option<&str>) -> CellResult {
+        CellResult {
+            scenario: "S02".into(),
+            flavor,
+            fs,
+            pass,
+            steps: vec![StepCheck {
+                name: "reg".into(),
+                expected: "EPERM".into(),
+                actual: if pass { "EPERM".into() } else { "ok".into() },
+                detail: String::new(),
+                pass,
+                ms: 1.0,
+            }],
+            ms: 1.0,
+            isolation: None,
+            not_run: not_run.map(String::from),
+        }
+    }
+
+    fn boot(flavor: Flavor, fs: Fs, failure: Option<&str>) -> BootRecord {
+        BootRecord {
+            flavor,
+            fs,
+            kernel: String::new(),
+            kernel_key: String::new(),
+            wall_s: 0.0,
+            to_runner_s: None,
+            console: String::new(),
+            splats: vec![],
+            failure: failure.map(String::from),
+            infra: failure.is_some(),
+            setup: vec![],
+            fsck: None,
+            selftests: vec![],
+        }
+    }
+
+    #[test]
+    fn junit_tells_a_dead_boot_from_a_wrong_answer() {
+        let r = RunResults {
+            run_id: "x".into(),
+            accel: "tcg".into(),
+            results: vec![
+                cell(Flavor::Stock, Fs::Ext4, true, None),
+                cell(Flavor::Patched, Fs::Ext4, false, None),
+                cell(Flavor::Patched, Fs::Xfs, false, Some("watchdog: no progress for 1m00s")),
+            ],
+            boots: vec![
+                boot(Flavor::Stock, Fs::Ext4, None),
+                boot(Flavor::Patched, Fs::Ext4, None),
+                boot(Flavor::Patched, Fs::Xfs, Some("watchdog: no progress for 1m00s")),
+            ],
+            wall_s: 1.0,
+            pass: false,
+            provenance: Default::default(),
+        };
+        let x = junit(&[], &r);
+        assert!(x.contains("tests=\"3\" failures=\"1\" errors=\"1\""), "{x}");
+        assert!(x.contains("<failure message=\"reg: expected EPERM, got ok\">"), "{x}");
+        assert!(x.contains("<error message=\"not run: watchdog: no progress for 1m00s\">"), "{x}");
+        assert!(!x.contains("got missing"), "{x}");
+    }
 }

@@ -7,11 +7,12 @@
 //! fragment asks for must survive `olddefconfig`. The bzImage is cached by a
 //! content hash of (source version, patches, fragments).
 
-use crate::apt::Apt;
+use crate::sources::Sources;
 use crate::ui;
 use crate::util::{self, Cache, KeyHasher};
 use anyhow::{bail, Context, Result};
 use pinlab_scenarios::Flavor;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -212,21 +213,26 @@ pub fn available_flavors() -> Result<Vec<Flavor>> {
     Ok(v)
 }
 
-/// The pristine Debian source tree, fetched and extracted once.
-pub fn debian_source(cache: &Cache) -> Result<PathBuf> {
+/// The pristine Debian source tree of the resolved version, fetched and
+/// extracted once (under a lock, in a staging directory renamed into place).
+pub fn debian_source(cache: &Cache, sources: &Sources) -> Result<PathBuf> {
+    let version = &sources.kernel_version;
     let src = cache.dir("src")?;
-    let tree = src.join(format!("linux-{SOURCE_VERSION}"));
+    let tree = src.join(format!("linux-{version}"));
+    if tree.join(".pinlab-complete").exists() {
+        return Ok(tree);
+    }
+    let _lock = util::FileLock::exclusive(&tree.with_extension("lock"))?;
     if tree.join(".pinlab-complete").exists() {
         return Ok(tree);
     }
     let t = Instant::now();
-    let apt = Apt::new(cache)?;
-    let pb = ui::spinner(format!("kernel source: fetching {SOURCE_PACKAGE}={SOURCE_VERSION}"));
-    let deb = apt.fetch(SOURCE_PACKAGE, SOURCE_VERSION)?;
+    let pb = ui::spinner(format!("kernel source: fetching {SOURCE_PACKAGE}={version}"));
+    let deb = sources.kernel_deb(cache)?;
     pb.set_message(format!("kernel source: extracting {}", deb.display()));
-    let tmp = src.join(format!("tmp-{}", std::process::id()));
+    let tmp = util::staging_path(&tree);
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).with_context(|| format!("Failed to create {}", tmp.display()))?;
     // dpkg-deb -x gives usr/src/linux-source-6.12.tar.xz; unpack that next to it.
     let mut x = Command::new("dpkg-deb");
     x.arg("-x").arg(&deb).arg(&tmp);
@@ -239,9 +245,9 @@ pub fn debian_source(cache: &Cache) -> Result<PathBuf> {
     if !extracted.join("Makefile").exists() {
         bail!("{} has no Makefile after extraction", extracted.display());
     }
-    std::fs::write(extracted.join(".pinlab-complete"), SOURCE_VERSION)?;
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::rename(&extracted, &tree)?;
+    let done = extracted.join(".pinlab-complete");
+    std::fs::write(&done, version).with_context(|| format!("Failed to write {}", done.display()))?;
+    util::publish_dir(&extracted, &tree)?;
     let _ = std::fs::remove_dir_all(&tmp);
     pb.finish_and_clear();
     eprintln!("kernel source: {} ready in {}", tree.display(), util::since(t));
@@ -256,16 +262,20 @@ pub fn git(tree: &Path, args: &[&str]) -> Command {
 }
 
 /// A git tree `cache/trees/NAME` holding the pristine source as one commit
-/// tagged `pinlab-base` (made once: copy + `git add` take a minute or two).
-pub fn base_tree(cache: &Cache, name: &str) -> Result<PathBuf> {
+/// tagged `pinlab-base` (made once per source version: copy + `git add`
+/// take a minute or two). The caller holds the tree's lock ([`tree_lock`]).
+pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf> {
+    let version = &sources.kernel_version;
     let tree = cache.dir("trees")?.join(name);
-    if tree.join(".git/pinlab-base").exists() {
-        return Ok(tree);
+    let stamp = tree.join(".git/pinlab-base");
+    match std::fs::read_to_string(&stamp) {
+        Ok(v) if v.trim() == version => return Ok(tree),
+        Ok(v) => eprintln!("trees/{name}: its base is {}, the source is now {version}; making it again", v.trim()),
+        Err(_) => {}
     }
-    let pristine = debian_source(cache)?;
+    let pristine = debian_source(cache, sources)?;
     let pb = ui::spinner(format!("trees/{name}: copying the pristine source and committing it as the base"));
-    let staging = tree.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&staging);
+    let staging = util::staging_path(&tree);
     let mut cp = Command::new("cp");
     cp.arg("-a").arg(&pristine).arg(&staging);
     util::output(cp)?;
@@ -275,26 +285,41 @@ pub fn base_tree(cache: &Cache, name: &str) -> Result<PathBuf> {
     let gi = staging.join(".gitignore");
     if let Ok(text) = std::fs::read_to_string(&gi) {
         let kept: Vec<&str> = text.lines().filter(|l| *l != "/*" && *l != "!/debian/").collect();
-        std::fs::write(&gi, kept.join("\n") + "\n")?;
+        std::fs::write(&gi, kept.join("\n") + "\n").with_context(|| format!("Failed to write {}", gi.display()))?;
     }
     util::output(git(&staging, &["init", "-q"]))?;
     util::output(git(&staging, &["add", "-A"]))?;
-    util::output(git(&staging, &["commit", "-q", "-m", &format!("Debian {SOURCE_PACKAGE} {SOURCE_VERSION}")]))?;
+    util::output(git(&staging, &["commit", "-q", "-m", &format!("Debian {SOURCE_PACKAGE} {version}")]))?;
     util::output(git(&staging, &["tag", "-f", "pinlab-base"]))?;
-    std::fs::write(staging.join(".git/pinlab-base"), SOURCE_VERSION)?;
-    let _ = std::fs::remove_dir_all(&tree);
-    std::fs::rename(&staging, &tree)?;
+    let st = staging.join(".git/pinlab-base");
+    std::fs::write(&st, version).with_context(|| format!("Failed to write {}", st.display()))?;
+    util::publish_dir(&staging, &tree)?;
     pb.finish_and_clear();
     Ok(tree)
 }
 
+/// The lock guarding `cache/trees/NAME` and `cache/build/NAME`.
+pub fn tree_lock(cache: &Cache, name: &str) -> Result<util::FileLock> {
+    util::FileLock::exclusive(&cache.dir("locks")?.join(format!("tree-{name}.lock")))
+}
+
 /// `git am` one patch of kernel-patches/ onto `tree` (aborting on failure).
 pub fn apply_patch(tree: &Path, name: &str) -> Result<()> {
-    let mut am = git(tree, &["am", "-q", "--keep-cr"]);
+    // -3: when the source has moved on from the pinned version, fall back to
+    // a 3-way merge where the patch's context no longer matches exactly.
+    let mut am = git(tree, &["am", "-q", "-3", "--keep-cr"]);
     am.arg(util::project_root().join("kernel-patches").join(name));
     if let Err(e) = util::output(am) {
         util::output(git(tree, &["am", "--abort"])).ok();
-        return Err(e).with_context(|| format!("kernel-patches/{name} does not apply to {SOURCE_VERSION}"));
+        let base = std::fs::read_to_string(tree.join(".git/pinlab-base")).unwrap_or_default();
+        return Err(e).with_context(|| {
+            format!(
+                "kernel-patches/{name} does not apply to {SOURCE_PACKAGE} {} even with a 3-way merge. \
+                 Rebase the series: `cargo xtask kernel edit` makes a tree with the patches that apply, \
+                 fix {name} there with git, then `cargo xtask kernel export`",
+                base.trim()
+            )
+        });
     }
     Ok(())
 }
@@ -328,8 +353,8 @@ pub fn rewind(tree: &Path, applied: usize, keep: usize) -> Result<()> {
 /// (`cache/trees/patched`). The longest unchanged prefix of the applied
 /// series stays (see [`rewind`]); only the patches from the first changed
 /// one on are applied again.
-pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)]) -> Result<PathBuf> {
-    let tree = base_tree(cache, "patched")?;
+pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)], sources: &Sources) -> Result<PathBuf> {
+    let tree = base_tree(cache, "patched", sources)?;
     let keys: Vec<String> =
         series.iter().map(|(n, b)| format!("{n} {}", KeyHasher::default().part(n, b).finish())).collect();
     let stamp = tree.join(".git/pinlab-series");
@@ -376,12 +401,11 @@ pub fn configure(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, la
     let pb = ui::spinner(format!("{label}: configuring (tinyconfig + {} fragments)", fragments.len()));
     util::run_logged(make(cache, srctree, build_dir, &["tinyconfig"]), log, |_| {})
         .context("Failed to make tinyconfig")?;
-    let mut merge = Command::new(srctree.join("scripts/kconfig/merge_config.sh"));
-    merge.current_dir(srctree).env("ARCH", "x86_64").arg("-m").arg("-O").arg(build_dir).arg(build_dir.join(".config"));
-    for (f, _) in &fragments {
-        merge.arg(util::project_root().join(f));
-    }
-    util::run_logged(merge, log, |_| {}).context("Failed to merge the config fragments")?;
+    // What scripts/kconfig/merge_config.sh -m does, without a shell (it
+    // splits paths with spaces): each fragment option replaces the base's.
+    let cfg_path = build_dir.join(".config");
+    let base = std::fs::read_to_string(&cfg_path).with_context(|| format!("Failed to read {}", cfg_path.display()))?;
+    util::write_atomic(&cfg_path, merge_config(&base, &fragments).as_bytes())?;
     util::run_logged(make(cache, srctree, build_dir, &["olddefconfig"]), log, |_| {})
         .context("Failed to make olddefconfig")?;
     pb.finish_and_clear();
@@ -401,6 +425,35 @@ pub fn configure(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, la
         );
     }
     Ok(())
+}
+
+/// `base` (a `.config`) with every option the fragments set replaced by the
+/// fragment's line, in fragment order; `olddefconfig` then settles the rest.
+pub fn merge_config(base: &str, fragments: &[(String, String)]) -> String {
+    let symbol = |l: &str| -> Option<String> {
+        let l = l.trim();
+        if let Some(rest) = l.strip_prefix("# ").and_then(|r| r.strip_suffix(" is not set")) {
+            return Some(rest.to_string());
+        }
+        l.split_once('=').map(|(k, _)| k.to_string()).filter(|k| k.starts_with("CONFIG_"))
+    };
+    let mut lines: Vec<String> = Vec::new();
+    let mut set = std::collections::BTreeSet::new();
+    for (_, text) in fragments {
+        for l in text.lines() {
+            if let Some(sym) = symbol(l) {
+                set.insert(sym);
+                lines.push(l.trim().to_string());
+            }
+        }
+    }
+    let mut out: String =
+        base.lines().filter(|l| symbol(l).is_none_or(|s| !set.contains(&s))).map(|l| format!("{l}\n")).collect();
+    for l in lines {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out
 }
 
 /// `make bzImage` with a progress bar (compiled objects vs the count the
@@ -429,9 +482,9 @@ pub fn compile(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, labe
     Ok(n)
 }
 
-/// The source part of a cache key for the pinned Debian source.
-pub fn debian_source_id() -> String {
-    format!("debian:{SOURCE_PACKAGE}={SOURCE_VERSION}")
+/// The source part of a cache key for a Debian kernel source version.
+pub fn debian_source_id(version: &str) -> String {
+    format!("debian:{SOURCE_PACKAGE}={version}")
 }
 
 /// The cache key of a flavor's kernel.
@@ -447,8 +500,81 @@ pub fn cache_key(source_id: &str, series: &[(String, Vec<u8>)], fragments: &[(St
     h.finish()
 }
 
-/// Build (or find in the cache) `flavor`'s bzImage.
-pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
+/// What a complete kernel cache entry carries, written last.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct Manifest {
+    key: String,
+    source: String,
+    bzimage_size: u64,
+    selftests: Vec<String>,
+}
+
+/// Why a cached kernel cannot be used (nothing: it can).
+fn kernel_problems(out_dir: &Path, key: &str) -> Option<String> {
+    let m: Manifest = match std::fs::read(out_dir.join("manifest.json")) {
+        Err(_) => return Some("no manifest.json (an interrupted build?)".into()),
+        Ok(b) => match serde_json::from_slice(&b) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("manifest.json does not parse: {e}")),
+        },
+    };
+    if m.key != key {
+        return Some(format!("manifest.json is for key {}, not {key}", m.key));
+    }
+    let bz = out_dir.join("bzImage");
+    let bytes = match std::fs::read(&bz) {
+        Ok(b) => b,
+        Err(e) => return Some(format!("bzImage unreadable: {e}")),
+    };
+    if bytes.len() as u64 != m.bzimage_size {
+        return Some(format!("bzImage is {} bytes, the manifest says {}", bytes.len(), m.bzimage_size));
+    }
+    if let Some(p) = bzimage_problem(&bytes) {
+        return Some(p);
+    }
+    for t in &m.selftests {
+        if !util::is_executable(&out_dir.join("selftests").join(t)) {
+            return Some(format!("selftest {t} is missing"));
+        }
+    }
+    None
+}
+
+/// An x86 bzImage carries the boot protocol magic `HdrS` at 0x202.
+pub fn bzimage_problem(bytes: &[u8]) -> Option<String> {
+    if bytes.len() < 0x1000 {
+        return Some(format!("bzImage is only {} bytes", bytes.len()));
+    }
+    if &bytes[0x202..0x206] != b"HdrS" {
+        return Some("bzImage has no x86 boot header (HdrS at 0x202)".into());
+    }
+    None
+}
+
+/// The cached kernel of `flavor` built from the resolved Debian source, if
+/// a complete, verified one is there (nothing is built or fetched).
+pub fn cached(cache: &Cache, flavor: Flavor, sources: &Sources) -> Result<Option<Kernel>> {
+    let series = if flavor == Flavor::Patched { read_series()? } else { Vec::new() };
+    let key = cache_key(&debian_source_id(&sources.kernel_version), &series, &read_fragments()?);
+    let out_dir = cache.root.join("kernels").join(format!("{}-{key}", flavor.name()));
+    if !out_dir.exists() || kernel_problems(&out_dir, &key).is_some() {
+        return Ok(None);
+    }
+    Ok(Some(Kernel { flavor, bzimage: out_dir.join("bzImage"), key, selftests: selftests_in(&out_dir) }))
+}
+
+/// `tree` carries the whole series if its last patch reverse-applies.
+fn tree_has_series(tree: &Path, series: &[(String, Vec<u8>)]) -> Result<bool> {
+    let Some((last, _)) = series.last() else { return Ok(true) };
+    let mut c = Command::new("git");
+    c.current_dir(tree).args(["apply", "--check", "-R"]).arg(util::project_root().join("kernel-patches").join(last));
+    Ok(c.stdin(std::process::Stdio::null()).output().context("Failed to run git apply")?.status.success())
+}
+
+/// Build (or find in the cache) `flavor`'s bzImage. A cached one is used
+/// only if its manifest and header check out; otherwise it is rebuilt with
+/// one line saying why.
+pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) -> Result<Kernel> {
     let fragments = read_fragments()?;
     parse_fragments(&fragments)?;
     let series = match flavor {
@@ -461,18 +587,23 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
             s
         }
     };
-    let (srctree, source_id, build_name) = match source {
-        Source::Debian => {
-            let tree = match flavor {
-                Flavor::Stock => debian_source(cache)?,
-                Flavor::Patched => patched_tree(cache, &series)?,
-            };
-            (tree, debian_source_id(), flavor.name().to_string())
-        }
+    let (source_id, build_name, tree_path) = match source {
+        Source::Debian => (debian_source_id(&sources.kernel_version), flavor.name().to_string(), None),
         Source::Tree(p) => {
             let p = p.canonicalize().with_context(|| format!("--kernel-tree {} does not exist", p.display()))?;
             if !p.join("Makefile").exists() || !p.join("scripts/kconfig/merge_config.sh").exists() {
                 bail!("--kernel-tree {} does not look like a Linux source tree", p.display());
+            }
+            if flavor == Flavor::Patched && !tree_has_series(&p, &series)? {
+                bail!(
+                    "--flavor patched --kernel-tree {}: that tree does not carry kernel-patches/ (its last patch, {}, \
+                     does not reverse-apply). pinlab builds your tree as it is and will not label it patched. Apply \
+                     the series first (`git -C {} am -3 {}/00*.patch`), or boot it as --flavor stock.",
+                    p.display(),
+                    series.last().map(|(n, _)| n.as_str()).unwrap_or(""),
+                    p.display(),
+                    util::project_root().join("kernel-patches").display()
+                );
             }
             // A user's tree may change under us: the key covers its path, make does the rest.
             let id = format!(
@@ -481,18 +612,36 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
             );
             let name = format!("tree-{}", KeyHasher::default().part("p", p.display().to_string().as_bytes()).finish());
-            (p, id, name)
+            (id, name, Some(p))
         }
     };
     let key = cache_key(&source_id, &series, &fragments);
     let out_dir = cache.dir("kernels")?.join(format!("{}-{key}", flavor.name()));
     let bzimage = out_dir.join("bzImage");
-    if bzimage.exists() {
+    let cached = |why: &mut Option<String>| -> bool {
+        *why = if out_dir.exists() { kernel_problems(&out_dir, &key) } else { Some(String::new()) };
+        why.is_none()
+    };
+    let mut why = None;
+    if cached(&mut why) {
         eprintln!("kernel {flavor}: cached {} (key {key})", bzimage.display());
         return Ok(Kernel { flavor, bzimage, key, selftests: selftests_in(&out_dir) });
     }
+    let _lock = tree_lock(cache, &build_name)?;
+    if cached(&mut why) {
+        eprintln!("kernel {flavor}: cached {} (key {key}, built by another run)", bzimage.display());
+        return Ok(Kernel { flavor, bzimage, key, selftests: selftests_in(&out_dir) });
+    }
+    if let Some(w) = why.filter(|w| !w.is_empty()) {
+        eprintln!("kernel {flavor}: cached {} is damaged ({w}); rebuilding it", out_dir.display());
+    }
+    let srctree = match (&tree_path, flavor) {
+        (Some(p), _) => p.clone(),
+        (None, Flavor::Stock) => debian_source(cache, sources)?,
+        (None, Flavor::Patched) => patched_tree(cache, &series, sources)?,
+    };
     let build_dir = cache.dir("build")?.join(&build_name);
-    std::fs::create_dir_all(&build_dir)?;
+    std::fs::create_dir_all(&build_dir).with_context(|| format!("Failed to create {}", build_dir.display()))?;
     let log = build_dir.join("pinlab-build.log");
     let _ = std::fs::remove_file(&log);
     let t = Instant::now();
@@ -501,15 +650,29 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source) -> Result<Kernel> {
     configure(cache, &srctree, &build_dir, &log, &format!("kernel {flavor}"))?;
     let n = compile(cache, &srctree, &build_dir, &log, &format!("kernel {flavor}"))?;
     let built = build_dir.join("arch/x86/boot/bzImage");
-    let staging = out_dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)?;
-    std::fs::copy(&built, staging.join("bzImage")).with_context(|| format!("Failed to copy {}", built.display()))?;
-    std::fs::copy(build_dir.join(".config"), staging.join("config"))?;
+    let staging = util::staging_path(&out_dir);
+    std::fs::create_dir_all(&staging).with_context(|| format!("Failed to create {}", staging.display()))?;
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to).with_context(|| format!("Failed to copy {} to {}", from.display(), to.display()))
+    };
+    let size = copy(&built, &staging.join("bzImage"))?;
+    copy(&build_dir.join(".config"), &staging.join("config"))?;
     build_selftests(cache, &srctree, &build_dir, &log, &staging.join("selftests"))?;
-    std::fs::copy(&log, staging.join("build.log"))?;
-    let _ = std::fs::remove_dir_all(&out_dir);
-    std::fs::rename(&staging, &out_dir)?;
+    copy(&log, &staging.join("build.log"))?;
+    let manifest = Manifest {
+        key: key.clone(),
+        source: source_id.clone(),
+        bzimage_size: size,
+        selftests: selftests_in(&staging)
+            .iter()
+            .filter_map(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+            .collect(),
+    };
+    if let Some(p) = std::fs::read(staging.join("bzImage")).map(|b| bzimage_problem(&b)).unwrap_or(None) {
+        bail!("kernel {flavor}: the build in {} produced a bad bzImage: {p}", build_dir.display());
+    }
+    util::write_atomic(&staging.join("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+    util::publish_dir(&staging, &out_dir)?;
     eprintln!("kernel {flavor}: built {} in {} ({n} objects compiled)", bzimage.display(), util::since(t));
     Ok(Kernel { flavor, bzimage, key, selftests: selftests_in(&out_dir) })
 }
@@ -566,6 +729,41 @@ mod tests {
         let mut g = f.clone();
         g[1].1.push_str("CONFIG_SMP=y\n");
         assert_ne!(k1, cache_key("debian:x", &[], &g));
+    }
+
+    #[test]
+    fn merge_replaces_base_options_without_a_shell() {
+        let base = "CONFIG_A=y\n# CONFIG_ZONE_DEVICE is not set\nCONFIG_NR_CPUS=64\nCONFIG_B=m\n";
+        let out = merge_config(base, &frags());
+        assert_eq!(
+            out,
+            "CONFIG_A=y\nCONFIG_B=m\nCONFIG_ZONE_DEVICE=y\n# CONFIG_MODULES is not set\nCONFIG_NR_CPUS=4\n"
+        );
+    }
+
+    #[test]
+    fn bzimage_header_is_checked() {
+        assert!(bzimage_problem(b"").unwrap().contains("0 bytes"));
+        let mut img = vec![0u8; 8192];
+        assert!(bzimage_problem(&img).unwrap().contains("HdrS"));
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(bzimage_problem(&img), None);
+    }
+
+    #[test]
+    fn damaged_kernel_entries_are_not_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(kernel_problems(d.path(), "k").unwrap().contains("manifest"));
+        let mut img = vec![0u8; 8192];
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(d.path().join("bzImage"), &img).unwrap();
+        let m = Manifest { key: "k".into(), source: "s".into(), bzimage_size: 8192, selftests: vec![] };
+        std::fs::write(d.path().join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(kernel_problems(d.path(), "k"), None);
+        assert!(kernel_problems(d.path(), "other").unwrap().contains("key"));
+        // Truncated to 0 bytes after the build: rebuilt, not "cached".
+        std::fs::write(d.path().join("bzImage"), b"").unwrap();
+        assert!(kernel_problems(d.path(), "k").unwrap().contains("0 bytes"));
     }
 
     #[test]

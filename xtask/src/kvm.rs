@@ -2,10 +2,13 @@
 //! VM whose vCPUs then hang at 100% sys (seen on this project's CI machines),
 //! so the answer comes from running a real guest: a child process creates a
 //! VM and one vCPU, runs a few real-mode instructions that write to an I/O
-//! port and halt, and must finish within a deadline.
+//! port and halt, and must finish within a deadline. Before that, `/dev/kvm`
+//! must open read/write for this user: a user outside the kvm group is told
+//! so, not sent looking for nested virtualization.
 
 use anyhow::{bail, Context, Result};
 use kvm_ioctls::{Kvm, VcpuExit};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +21,9 @@ pub enum Verdict {
     Works,
     /// `/dev/kvm` is there but the probe guest did not run to completion.
     Broken(String),
+    /// `/dev/kvm` is there but this user cannot open it read/write: what
+    /// stands in the way and what to do, in words (the probe did not run).
+    NoAccess(String),
     /// No `/dev/kvm`.
     Absent,
 }
@@ -35,9 +41,30 @@ impl Verdict {
             Verdict::Broken(why) => {
                 format!("KVM: /dev/kvm present but a vCPU did not run (nested virtualization?) → using TCG [{why}]")
             }
+            Verdict::NoAccess(why) => format!("KVM: {why} → using TCG"),
             Verdict::Absent => "KVM: absent → using TCG".into(),
         }
     }
+}
+
+/// What opening `/dev/kvm` read/write found: the facts, judged by [`classify`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DevKvm {
+    /// No such file.
+    Missing,
+    /// It opened read/write.
+    Opens,
+    /// The open failed with `errno`.
+    OpenFailed {
+        /// The open's errno (`EACCES`: file permissions; `EPERM`: a policy).
+        errno: i32,
+        /// Who tried: the effective user's name (or `uid N`).
+        user: String,
+        /// The file's permission bits.
+        mode: u32,
+        /// The file's group's name (or `gid N`).
+        group: String,
+    },
 }
 
 /// How the probe's child process ended.
@@ -55,10 +82,41 @@ pub enum ChildEnd {
 
 /// Pure classification, unit-tested: the probe prints `PINLAB-KVM-OK 56`
 /// after both phases' guests wrote their digit to port 0x3f8 and halted.
-pub fn classify(dev_kvm_exists: bool, end: &ChildEnd) -> Verdict {
-    if !dev_kvm_exists {
-        return Verdict::Absent;
-    }
+/// `end` only counts when `/dev/kvm` opens (otherwise the probe is not run).
+pub fn classify(dev: &DevKvm, end: &ChildEnd) -> Verdict {
+    let (errno, user, mode, group) = match dev {
+        DevKvm::Missing => return Verdict::Absent,
+        DevKvm::OpenFailed { errno, user, mode, group } => (*errno, user, *mode, group),
+        DevKvm::Opens => return classify_run(end),
+    };
+    let who = format!("/dev/kvm is not accessible to user {user}");
+    let join = "sudo usermod -aG kvm $USER, then log in again";
+    Verdict::NoAccess(match errno {
+        libc::EACCES if mode & 0o006 == 0o006 => format!(
+            "{who} (permission denied, although mode {:04o} lets everyone read and write it: \
+             is /dev mounted nodev, or is an ACL or a security module in the way?)",
+            mode & 0o7777
+        ),
+        libc::EACCES if mode & 0o060 == 0o060 => format!(
+            "{who} (permission denied): add yourself to the {group} group \
+             (sudo usermod -aG {group} $USER, then log in again)"
+        ),
+        libc::EACCES => format!(
+            "{who} (permission denied; mode {:04o}, group {group}, which may not read and write it): \
+             give the kvm group access (sudo chgrp kvm /dev/kvm; sudo chmod 0660 /dev/kvm, or a udev rule) \
+             and add yourself to it ({join})",
+            mode & 0o7777
+        ),
+        libc::EPERM => format!(
+            "{who} (operation not permitted: a container's device rules or a security policy forbid it, \
+             not the file's permissions)"
+        ),
+        e => format!("{who} (open read/write failed: {})", std::io::Error::from_raw_os_error(e)),
+    })
+}
+
+/// The verdict on a probe that ran.
+fn classify_run(end: &ChildEnd) -> Verdict {
     match end {
         ChildEnd::Exited(0, out) if out.trim() == "PINLAB-KVM-OK 56" => Verdict::Works,
         ChildEnd::Exited(0, out) => Verdict::Broken(format!("probe printed {:?}", out.trim())),
@@ -69,13 +127,60 @@ pub fn classify(dev_kvm_exists: bool, end: &ChildEnd) -> Verdict {
     }
 }
 
-/// Run the probe in a child process (this binary, `kvm-probe`) with a deadline.
+/// Check that this user can open `/dev/kvm` read/write, then run the probe in
+/// a child process (this binary, `kvm-probe`) with a deadline.
 pub fn probe() -> Verdict {
-    let dev = Path::new("/dev/kvm").exists();
-    if !dev {
-        return classify(false, &ChildEnd::SpawnFailed(String::new()));
+    match open_rw(Path::new("/dev/kvm")) {
+        DevKvm::Opens => classify(&DevKvm::Opens, &run_child(Duration::from_secs(2))),
+        dev => classify(&dev, &ChildEnd::SpawnFailed("not run".into())),
     }
-    classify(true, &run_child(Duration::from_secs(2)))
+}
+
+/// Open `path` read/write (and close it again), as QEMU and the probe will.
+pub fn open_rw(path: &Path) -> DevKvm {
+    let err = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(_) => return DevKvm::Opens,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return DevKvm::Missing,
+        Err(e) => e,
+    };
+    let meta = std::fs::metadata(path).ok();
+    DevKvm::OpenFailed {
+        errno: err.raw_os_error().unwrap_or(0),
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        user: user_name(unsafe { libc::geteuid() }),
+        mode: meta.as_ref().map_or(0, |m| m.mode()),
+        group: meta.map_or_else(|| "?".into(), |m| group_name(m.gid())),
+    }
+}
+
+/// The name of user `uid` from the passwd database, or `uid N`.
+fn user_name(uid: libc::uid_t) -> String {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: an all-zero passwd is a valid value to be overwritten.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut res: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; buf's length is passed.
+    let rc = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut res) };
+    if rc != 0 || res.is_null() || pw.pw_name.is_null() {
+        return format!("uid {uid}");
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string inside buf.
+    unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }.to_string_lossy().into_owned()
+}
+
+/// The name of group `gid` from the group database, or `gid N`.
+fn group_name(gid: libc::gid_t) -> String {
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: an all-zero group is a valid value to be overwritten.
+    let mut gr: libc::group = unsafe { std::mem::zeroed() };
+    let mut res: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; buf's length is passed.
+    let rc = unsafe { libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut res) };
+    if rc != 0 || res.is_null() || gr.gr_name.is_null() {
+        return format!("gid {gid}");
+    }
+    // SAFETY: on success gr_name points to a NUL-terminated string inside buf.
+    unsafe { std::ffi::CStr::from_ptr(gr.gr_name) }.to_string_lossy().into_owned()
 }
 
 fn run_child(deadline: Duration) -> ChildEnd {
@@ -254,18 +359,81 @@ mod tests {
 
     #[test]
     fn classification() {
-        assert_eq!(classify(false, &ChildEnd::Exited(0, "PINLAB-KVM-OK 56".into())), Verdict::Absent);
-        assert_eq!(classify(true, &ChildEnd::Exited(0, "PINLAB-KVM-OK 56\n".into())), Verdict::Works);
-        assert!(matches!(classify(true, &ChildEnd::TimedOut(Duration::from_secs(2))), Verdict::Broken(_)));
-        assert!(matches!(classify(true, &ChildEnd::Exited(1, "KVM_RUN: EINTR".into())), Verdict::Broken(_)));
-        assert!(matches!(classify(true, &ChildEnd::Exited(0, "PINLAB-KVM-OK 5".into())), Verdict::Broken(_)));
-        assert!(matches!(classify(true, &ChildEnd::Signalled), Verdict::Broken(_)));
-        let d = classify(true, &ChildEnd::TimedOut(Duration::from_secs(2))).describe();
-        assert!(
-            d.starts_with("KVM: /dev/kvm present but a vCPU did not run (nested virtualization?) → using TCG"),
-            "{d}"
+        let ok = DevKvm::Opens;
+        assert_eq!(classify(&DevKvm::Missing, &ChildEnd::Exited(0, "PINLAB-KVM-OK 56".into())), Verdict::Absent);
+        assert_eq!(classify(&ok, &ChildEnd::Exited(0, "PINLAB-KVM-OK 56\n".into())), Verdict::Works);
+        assert!(matches!(classify(&ok, &ChildEnd::TimedOut(Duration::from_secs(2))), Verdict::Broken(_)));
+        assert!(matches!(classify(&ok, &ChildEnd::Exited(1, "KVM_RUN: EINTR".into())), Verdict::Broken(_)));
+        assert!(matches!(classify(&ok, &ChildEnd::Exited(0, "PINLAB-KVM-OK 5".into())), Verdict::Broken(_)));
+        assert!(matches!(classify(&ok, &ChildEnd::Signalled), Verdict::Broken(_)));
+        let d = classify(&ok, &ChildEnd::TimedOut(Duration::from_secs(2))).describe();
+        assert_eq!(
+            d,
+            "KVM: /dev/kvm present but a vCPU did not run (nested virtualization?) → using TCG \
+             [vCPU still running after 2.0s]"
         );
+        assert_eq!(Verdict::Absent.describe(), "KVM: absent → using TCG");
+        assert_eq!(Verdict::Works.describe(), "KVM: works");
         assert!(!Verdict::Absent.usable());
         assert!(Verdict::Works.usable());
+    }
+
+    fn failed(errno: i32, mode: u32, group: &str) -> DevKvm {
+        DevKvm::OpenFailed { errno, user: "alice".into(), mode: 0o20000 | mode, group: group.into() }
+    }
+
+    #[test]
+    fn no_access_says_so_instead_of_blaming_nesting() {
+        // Even a probe that would have worked does not count: it is not run.
+        let works = ChildEnd::Exited(0, "PINLAB-KVM-OK 56".into());
+        let v = classify(&failed(libc::EACCES, 0o660, "kvm"), &works);
+        assert!(!v.usable());
+        assert_eq!(
+            v.describe(),
+            "KVM: /dev/kvm is not accessible to user alice (permission denied): add yourself to the kvm group \
+             (sudo usermod -aG kvm $USER, then log in again) → using TCG"
+        );
+        // The group that may open it is named as it is.
+        let d = classify(&failed(libc::EACCES, 0o660, "hypervisor"), &works).describe();
+        assert!(d.contains("add yourself to the hypervisor group (sudo usermod -aG hypervisor $USER"), "{d}");
+        // No group access at all: the group alone would not help.
+        let d = classify(&failed(libc::EACCES, 0o600, "root"), &works).describe();
+        assert!(
+            d.starts_with("KVM: /dev/kvm is not accessible to user alice (permission denied; mode 0600, group root"),
+            "{d}"
+        );
+        assert!(d.contains("sudo chmod 0660 /dev/kvm") && d.contains("sudo usermod -aG kvm $USER"), "{d}");
+        // Everyone may, yet it was refused: not a group matter either.
+        let d = classify(&failed(libc::EACCES, 0o666, "kvm"), &works).describe();
+        assert!(d.contains("mode 0666 lets everyone") && !d.contains("usermod"), "{d}");
+        // A policy, not permissions.
+        let d = classify(&failed(libc::EPERM, 0o666, "kvm"), &works).describe();
+        assert!(d.contains("operation not permitted") && !d.contains("usermod"), "{d}");
+        for d in [d, classify(&failed(libc::ENXIO, 0o666, "kvm"), &works).describe()] {
+            assert!(!d.contains("nested"), "{d}");
+            assert!(d.ends_with("→ using TCG"), "{d}");
+        }
+    }
+
+    #[test]
+    fn open_rw_on_real_files() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(open_rw(&d.path().join("nope")), DevKvm::Missing);
+        let f = d.path().join("kvm");
+        std::fs::write(&f, "").unwrap();
+        assert_eq!(open_rw(&f), DevKvm::Opens);
+        // Root opens anything; as any other user a mode-000 file is refused.
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            match open_rw(&f) {
+                DevKvm::OpenFailed { errno, user, mode, .. } => {
+                    assert_eq!(errno, libc::EACCES);
+                    assert_eq!(mode & 0o777, 0);
+                    assert!(!user.is_empty());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

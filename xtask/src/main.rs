@@ -3,6 +3,7 @@
 
 mod apt;
 mod bench;
+mod cleanup;
 mod console;
 mod flags;
 mod host;
@@ -10,10 +11,12 @@ mod html;
 mod image;
 mod kernel;
 mod kvm;
+mod lab;
 mod qemu;
 mod report;
 mod run;
 mod series;
+mod sources;
 mod test;
 mod ui;
 mod util;
@@ -24,8 +27,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     match real_main() {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             // 69 (EX_UNAVAILABLE): the infrastructure failed, not an expectation.
@@ -34,12 +36,19 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main() -> Result<bool> {
+/// The exit code: 0 all as expected, 1 an expectation (or check) failed,
+/// 69 the infrastructure failed (also for every error returned here).
+fn real_main() -> Result<u8> {
     let flags = flags::Xtask::from_env_or_exit();
     let cache = util::Cache::from_env()?;
     std::env::set_current_dir(util::project_root())?;
-    match flags.subcommand {
-        flags::XtaskCmd::Doctor(_) => host::doctor(&cache).map(|()| true),
+    if !matches!(flags.subcommand, flags::XtaskCmd::KvmProbe(_)) {
+        cleanup::install();
+        cleanup::sweep_all(&cache);
+    }
+    let ok = |b: bool| if b { 0 } else { 1 };
+    Ok(match flags.subcommand {
+        flags::XtaskCmd::Doctor(_) => host::doctor(&cache).map(|()| 0)?,
         flags::XtaskCmd::Kernel(k) => match k.subcommand {
             flags::KernelCmd::Build(k) => {
                 host::ensure(&[host::Need::Kernel, host::Need::Image], k.no_install)?;
@@ -47,25 +56,28 @@ fn real_main() -> Result<bool> {
                     Some(p) => kernel::Source::Tree(p),
                     None => kernel::Source::Debian,
                 };
-                let built = kernel::build(&cache, k.flavor.unwrap_or(pinlab_scenarios::Flavor::Stock), &source)?;
+                let sources = sources::resolve(&cache, k.locked)?;
+                let flavor = k.flavor.unwrap_or(pinlab_scenarios::Flavor::Stock);
+                let built = kernel::build(&cache, flavor, &source, &sources)?;
                 println!("{}", built.bzimage.display());
-                Ok(true)
+                0
             }
             flags::KernelCmd::CheckSeries(c) => {
                 host::ensure(&[host::Need::Kernel, host::Need::Image], false)?;
-                series::check(&cache, c.full)
+                ok(series::check(&cache, c.full)?)
             }
-            flags::KernelCmd::Edit(_) => series::edit(&cache).map(|()| true),
-            flags::KernelCmd::Export(_) => series::export(&cache).map(|()| true),
+            flags::KernelCmd::Edit(_) => series::edit(&cache).map(|()| 0)?,
+            flags::KernelCmd::Export(_) => series::export(&cache).map(|()| 0)?,
         },
         flags::XtaskCmd::Image(i) => {
             host::ensure(&[host::Need::Image, host::Need::Demos], i.no_install)?;
             if i.update_lock {
                 image::update_lock(&cache)?;
             }
-            let root = image::build(&cache)?;
+            let sources = sources::resolve(&cache, i.locked)?;
+            let root = image::build(&cache, &sources)?;
             println!("{}", root.display());
-            Ok(true)
+            0
         }
         flags::XtaskCmd::Run(r) => {
             let demo = match r.what.as_deref() {
@@ -84,21 +96,25 @@ fn real_main() -> Result<bool> {
                     no_install: r.no_install,
                     demo,
                     explain: r.explain,
+                    locked: r.locked,
                 },
-            )
+            )?
+            .code()
         }
         flags::XtaskCmd::Shell(sh) => run::shell(
             &cache,
             sh.flavor.unwrap_or(pinlab_scenarios::Flavor::Stock),
             sh.fs.unwrap_or(pinlab_scenarios::Fs::Ext4),
             sh.accel,
+            sh.locked,
         )
-        .map(|()| true),
-        flags::XtaskCmd::Test(t) => test::run(&cache, t.unit, t.accel),
-        flags::XtaskCmd::Bench(b) => {
-            bench::bench(&cache, bench::BenchOpts { flavor: b.flavor, fss: b.fs, reps: b.reps, accel: b.accel })
-        }
-        flags::XtaskCmd::Clean(c) => test::clean(&cache, c.all).map(|()| true),
-        flags::XtaskCmd::KvmProbe(_) => kvm::child_main().map(|()| true),
-    }
+        .map(|()| 0)?,
+        flags::XtaskCmd::Test(t) => test::run(&cache, t.unit, t.accel, t.locked)?.code(),
+        flags::XtaskCmd::Bench(b) => ok(bench::bench(
+            &cache,
+            bench::BenchOpts { flavor: b.flavor, fss: b.fs, reps: b.reps, accel: b.accel, locked: b.locked },
+        )?),
+        flags::XtaskCmd::Clean(c) => test::clean(&cache, c.all).map(|()| 0)?,
+        flags::XtaskCmd::KvmProbe(_) => kvm::child_main().map(|()| 0)?,
+    })
 }

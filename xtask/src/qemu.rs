@@ -3,6 +3,7 @@
 
 use crate::vm::Accel;
 use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 /// Guest RAM. Enough for rxe, two 2 MiB MRs per process and mkfs.
@@ -34,10 +35,36 @@ pub struct QemuSpec {
     pub share_sock: PathBuf,
     /// A person types on the console (`cargo xtask shell`).
     pub interactive: bool,
+    /// Interactive only: also log the console to this file.
+    pub console_log: Option<PathBuf>,
 }
 
 fn os(v: &[&str]) -> Vec<OsString> {
     v.iter().map(OsString::from).collect()
+}
+
+/// `p` as a value inside a `key=value,...` option string. QEMU splits such
+/// strings at commas and reads a doubled comma as a literal one
+/// (docs/system/invocation.rst), so `/tmp/a,b` must be written `/tmp/a,,b`;
+/// spaces and everything else pass as they are (argv is not a shell line).
+/// Bytes, not `display()`: a non-UTF-8 path reaches QEMU unchanged.
+pub fn opt_value(p: &Path) -> OsString {
+    let mut out = Vec::with_capacity(p.as_os_str().len() + 4);
+    for &b in p.as_os_str().as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// `head` + `path` (escaped with [`opt_value`]) + `tail`: one option string.
+fn opt_with_path(head: &str, path: &Path, tail: &str) -> OsString {
+    let mut o = OsString::from(head);
+    o.push(opt_value(path));
+    o.push(tail);
+    o
 }
 
 /// Machine, CPU model and accelerator.
@@ -88,7 +115,11 @@ pub fn nvdimm_args(pmem: &Path, devdax: &Path) -> Vec<OsString> {
     let mut a = Vec::new();
     for (i, (file, mib)) in [(pmem, PMEM_MIB), (devdax, DEVDAX_MIB)].into_iter().enumerate() {
         a.push("-object".into());
-        a.push(format!("memory-backend-file,id=nv{i},share=on,mem-path={},size={mib}M", file.display()).into());
+        a.push(opt_with_path(
+            &format!("memory-backend-file,id=nv{i},share=on,mem-path="),
+            file,
+            &format!(",size={mib}M"),
+        ));
         a.push("-device".into());
         a.push(format!("nvdimm,id=nvdimm{i},memdev=nv{i}").into());
     }
@@ -100,7 +131,7 @@ pub fn virtiofs_args(rootfs_sock: &Path, share_sock: &Path) -> Vec<OsString> {
     let mut a = Vec::new();
     for (i, (sock, tag)) in [(rootfs_sock, "rootfs"), (share_sock, "pinlab")].into_iter().enumerate() {
         a.push("-chardev".into());
-        a.push(format!("socket,id=vfs{i},path={}", sock.display()).into());
+        a.push(opt_with_path(&format!("socket,id=vfs{i},path="), sock, ""));
         a.push("-device".into());
         a.push(format!("vhost-user-fs-pci,chardev=vfs{i},tag={tag}").into());
     }
@@ -116,10 +147,15 @@ pub fn net_args() -> Vec<OsString> {
 }
 
 /// The serial console on stdio (the host tees it to console.log); no
-/// monitor. Interactive: Ctrl-C goes to the guest, not to QEMU.
-pub fn serial_args(interactive: bool) -> Vec<OsString> {
+/// monitor. Interactive: Ctrl-C goes to the guest, not to QEMU, and QEMU
+/// itself logs the console to `log` (the host does not see the stream).
+pub fn serial_args(interactive: bool, log: Option<&Path>) -> Vec<OsString> {
     if interactive {
-        os(&["-chardev", "stdio,id=con0,signal=off", "-serial", "chardev:con0", "-monitor", "none"])
+        let chardev = match log {
+            Some(l) => opt_with_path("stdio,id=con0,signal=off,logfile=", l, ",logappend=off"),
+            None => "stdio,id=con0,signal=off".into(),
+        };
+        vec!["-chardev".into(), chardev, "-serial".into(), "chardev:con0".into(), "-monitor".into(), "none".into()]
     } else {
         os(&["-serial", "stdio", "-monitor", "none"])
     }
@@ -143,7 +179,9 @@ pub fn cmdline(extra: &str) -> String {
     s
 }
 
-/// Direct kernel boot.
+/// Direct kernel boot. `-kernel` takes the path as a whole argument (QEMU
+/// sets the machine's `kernel` property from it without splitting at
+/// commas), so it is not escaped.
 pub fn kernel_args(kernel: &Path, extra: &str) -> Vec<OsString> {
     vec!["-kernel".into(), kernel.into(), "-append".into(), cmdline(extra).into()]
 }
@@ -155,7 +193,7 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a.extend(nvdimm_args(&spec.pmem, &spec.devdax));
     a.extend(virtiofs_args(&spec.rootfs_sock, &spec.share_sock));
     a.extend(net_args());
-    a.extend(serial_args(spec.interactive));
+    a.extend(serial_args(spec.interactive, spec.console_log.as_deref()));
     a.extend(kernel_args(&spec.kernel, &spec.cmdline_extra));
     a
 }
@@ -175,6 +213,7 @@ mod tests {
             rootfs_sock: "/t/rootfs.sock".into(),
             share_sock: "/t/share.sock".into(),
             interactive: false,
+            console_log: None,
         }
     }
 
@@ -218,6 +257,36 @@ mod tests {
     fn no_host_networking() {
         let a = joined(&args(&spec(Accel::Tcg)));
         assert!(!a.contains("-netdev") && !a.contains("-nic") && !a.contains("tap"), "{a}");
+    }
+
+    #[test]
+    fn commas_in_option_values_are_doubled() {
+        assert_eq!(opt_value(Path::new("/tmp/a,b/pmem0.img")), "/tmp/a,,b/pmem0.img");
+        assert_eq!(opt_value(Path::new("/tmp/a,,b")), "/tmp/a,,,,b");
+        assert_eq!(opt_value(Path::new("/tmp/a b/rootfs.sock")), "/tmp/a b/rootfs.sock");
+        assert_eq!(opt_value(Path::new("/t/pmem0.img")), "/t/pmem0.img");
+        // Non-UTF-8 bytes pass unchanged.
+        let raw = Path::new(std::ffi::OsStr::from_bytes(b"/t/\xff,x"));
+        assert_eq!(opt_value(raw).as_bytes(), b"/t/\xff,,x");
+    }
+
+    #[test]
+    fn every_path_in_an_option_string_is_escaped() {
+        let mut s = spec(Accel::Tcg);
+        s.pmem = "/tmp/a,b/pmem0.img".into();
+        s.devdax = "/tmp/a b/pmem1.img".into();
+        s.rootfs_sock = "/tmp/a,b/rootfs.sock".into();
+        s.share_sock = "/tmp/a b,c/share.sock".into();
+        s.kernel = "/k,1/bzImage".into();
+        let argv = args(&s);
+        let a = joined(&argv);
+        assert!(a.contains("memory-backend-file,id=nv0,share=on,mem-path=/tmp/a,,b/pmem0.img,size=1024M"), "{a}");
+        assert!(a.contains("memory-backend-file,id=nv1,share=on,mem-path=/tmp/a b/pmem1.img,size=512M"), "{a}");
+        assert!(a.contains("-chardev socket,id=vfs0,path=/tmp/a,,b/rootfs.sock -device"), "{a}");
+        assert!(a.contains("-chardev socket,id=vfs1,path=/tmp/a b,,c/share.sock -device"), "{a}");
+        // -kernel's argument is a whole path, not an option string.
+        let k = argv.iter().position(|x| x == "-kernel").unwrap();
+        assert_eq!(argv[k + 1], "/k,1/bzImage");
     }
 
     #[test]

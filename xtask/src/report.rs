@@ -27,6 +27,10 @@ pub struct BootRecord {
     pub splats: Vec<String>,
     /// A boot-level failure (deadline, crash, missing results).
     pub failure: Option<String>,
+    /// The failure was the infrastructure's (deadline, QEMU, virtiofsd,
+    /// set-up), not the kernel's.
+    #[serde(default)]
+    pub infra: bool,
     /// Guest setup steps: `name: outcome (detail)`.
     pub setup: Vec<String>,
     /// The end-of-boot filesystem check: `name: outcome (detail)`.
@@ -50,6 +54,29 @@ pub struct RunResults {
     pub wall_s: f64,
     /// All cells passed and no boot failed.
     pub pass: bool,
+    /// The kernel source version and the exact rootfs package set used,
+    /// with what drifted from the pins.
+    #[serde(default)]
+    pub provenance: crate::sources::Provenance,
+}
+
+/// One line on what the kernels and the rootfs were made from.
+pub fn provenance_line(p: &crate::sources::Provenance) -> String {
+    let kernel = if p.kernel_source == p.kernel_source_pinned || p.kernel_source_pinned.is_empty() {
+        format!("Kernel source: Debian linux-source-6.12 {}", p.kernel_source)
+    } else {
+        format!(
+            "Kernel source: Debian linux-source-6.12 {} (pinned {} is no longer served)",
+            p.kernel_source, p.kernel_source_pinned
+        )
+    };
+    let drift = if p.drift.is_empty() {
+        "exactly as image/packages.lock".to_string()
+    } else {
+        let d: Vec<String> = p.drift.iter().map(|d| d.to_string()).collect();
+        format!("{} drifted from image/packages.lock: {}", d.len(), d.join(", "))
+    };
+    format!("{kernel}. Rootfs: {} Debian 13 packages, {drift}.", p.packages.len())
 }
 
 fn cell_fs(spec: &Scenario, fs: Fs) -> String {
@@ -124,6 +151,7 @@ pub fn markdown(specs: &[Scenario], r: &RunResults) -> String {
         r.accel,
         r.wall_s
     );
+    let _ = writeln!(s, "{}\n", provenance_line(&r.provenance));
     let _ = writeln!(s, "| id | kernel | fs | expected | actual | | what it shows |\n|---|---|---|---|---|---|---|");
     for spec in specs {
         for c in r.results.iter().filter(|c| c.scenario == spec.id) {

@@ -1,8 +1,8 @@
 //! `cargo xtask run`: kernels + rootfs + one boot per (flavor, filesystem),
 //! then expected vs actual, reports under `target/pinlab/runs/<id>/`.
 
-use crate::host::{self, Need};
-use crate::kernel::{self, Source};
+use crate::kernel;
+use crate::lab::{self, LabOpts};
 use crate::report::{self, BootRecord, RunResults};
 use crate::ui;
 use crate::util::{self, Cache};
@@ -34,6 +34,8 @@ pub struct RunOpts {
     pub demo: bool,
     /// `--explain`: narrate each step as it happens.
     pub explain: bool,
+    /// `--locked`: drift from the pinned versions is an error.
+    pub locked: bool,
 }
 
 /// Load every scenario spec from `tests/scenarios/`.
@@ -41,40 +43,90 @@ pub fn load_specs() -> Result<Vec<Scenario>> {
     spec::load_dir(&util::project_root().join("tests/scenarios"))
 }
 
-/// Run; returns whether every expectation held.
-pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
+/// How a run ended, and the exit code that says so.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every cell as expected, no splat, every boot completed.
+    Pass,
+    /// A cell disagreed with its spec, or the kernel splatted, crashed or
+    /// failed a selftest or fsck.
+    Fail,
+    /// A boot could not run (deadline, QEMU or virtiofsd failed, …).
+    Infra,
+}
+
+impl Verdict {
+    /// 0, 1, or 69 (EX_UNAVAILABLE).
+    pub fn code(self) -> u8 {
+        match self {
+            Verdict::Pass => 0,
+            Verdict::Fail => 1,
+            Verdict::Infra => 69,
+        }
+    }
+}
+
+/// A new, unique run directory under `runs` (`YYYYMMDD-HHMMSS-PID`, with a
+/// suffix if that exists), and `runs/latest` pointing at it.
+pub fn new_run_dir(runs: &std::path::Path) -> Result<(String, PathBuf)> {
+    std::fs::create_dir_all(runs).with_context(|| format!("Failed to create {}", runs.display()))?;
+    let base = format!("{}-{}", util::utc_stamp(SystemTime::now()), std::process::id());
+    for n in 0.. {
+        let id = if n == 0 { base.clone() } else { format!("{base}.{n}") };
+        let dir = runs.join(&id);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {
+                // Point `latest` here atomically: a new link renamed over the old one.
+                let tmp = util::staging_path(&runs.join("latest"));
+                std::os::unix::fs::symlink(&id, &tmp).with_context(|| format!("Failed to link {}", tmp.display()))?;
+                std::fs::rename(&tmp, runs.join("latest"))
+                    .with_context(|| format!("Failed to update {}", runs.join("latest").display()))?;
+                return Ok((id, dir));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("Failed to create {}", dir.display())),
+        }
+    }
+    unreachable!("an unbounded range ends only by returning")
+}
+
+static LAST_RUN_DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// The directory of the last run this process made.
+pub fn last_run_dir() -> Option<PathBuf> {
+    LAST_RUN_DIR.lock().ok()?.clone()
+}
+
+/// Run; returns how it went.
+pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
     let t0 = Instant::now();
-    host::ensure(&[Need::Kernel, Need::Demos, Need::Image, Need::Boot], opts.no_install)?;
-    host::ensure_virtiofsd(cache, opts.no_install)?;
     let specs = spec::select(load_specs()?, &opts.scenarios)?;
     let flavors = if !opts.flavors.is_empty() {
-        opts.flavors.clone()
+        lab::dedup(&opts.flavors)
     } else if opts.demo {
         kernel::available_flavors()?
     } else {
         vec![Flavor::Stock]
     };
-    let fss = if opts.fss.is_empty() { Fs::ALL.to_vec() } else { opts.fss.clone() };
-    let accel = vm::choose_accel(opts.accel);
-    let source = match &opts.kernel_tree {
-        Some(p) => Source::Tree(p.clone()),
-        None => Source::Debian,
-    };
-    let mut kernels = Vec::new();
-    for &f in &flavors {
-        kernels.push(kernel::build(cache, f, &source)?);
-    }
-    let rootfs = crate::image::build(cache)?;
+    let fss = if opts.fss.is_empty() { Fs::ALL.to_vec() } else { lab::dedup(&opts.fss) };
+    let lab = lab::prepare(
+        cache,
+        &LabOpts {
+            flavors: flavors.clone(),
+            kernel_tree: opts.kernel_tree.clone(),
+            no_install: opts.no_install,
+            locked: opts.locked,
+            accel: opts.accel,
+        },
+    )?;
+    let accel = lab.accel;
     let selftests: Vec<std::path::PathBuf> =
-        kernels.iter().find(|k| !k.selftests.is_empty()).map(|k| k.selftests.clone()).unwrap_or_default();
+        lab.kernels.iter().find(|k| !k.selftests.is_empty()).map(|k| k.selftests.clone()).unwrap_or_default();
 
-    let run_id = util::utc_stamp(SystemTime::now());
-    let runs = util::target_dir().join("runs");
-    let run_dir = runs.join(&run_id);
-    std::fs::create_dir_all(&run_dir).with_context(|| format!("Failed to create {}", run_dir.display()))?;
-    let latest = runs.join("latest");
-    let _ = std::fs::remove_file(&latest);
-    std::os::unix::fs::symlink(&run_id, &latest).with_context(|| format!("Failed to link {}", latest.display()))?;
+    let (run_id, run_dir) = new_run_dir(&util::target_dir().join("runs"))?;
+    if let Ok(mut l) = LAST_RUN_DIR.lock() {
+        *l = Some(run_dir.clone());
+    }
     eprintln!(
         "run {run_id}: {} flavor(s) × {} filesystem(s), {} scenario(s), accel {}",
         flavors.len(),
@@ -82,6 +134,7 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
         specs.len(),
         accel.name()
     );
+    let t_boots = Instant::now();
 
     // Boots are independent. Each TCG guest keeps two host threads busy, so
     // run as many at once as there are pairs of cores (one at a time on 2).
@@ -90,7 +143,8 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1))
         .max(1);
-    let jobs: Vec<(&kernel::Kernel, Fs)> = kernels
+    let jobs: Vec<(&kernel::Kernel, Fs)> = lab
+        .kernels
         .iter()
         .flat_map(|k| fss.iter().map(move |&fs| (k, fs)))
         .filter(|(_, fs)| specs.iter().any(|s| s.runs_on(*fs)))
@@ -98,37 +152,56 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
     let mp = indicatif::MultiProgress::new();
     let mut outcomes = Vec::new();
     for batch in jobs.chunks(parallel) {
-        let results: Vec<Result<(Vec<CellResult>, BootRecord)>> = std::thread::scope(|sc| {
+        let results: Vec<(Vec<CellResult>, BootRecord)> = std::thread::scope(|sc| {
             let handles: Vec<_> = batch
                 .iter()
                 .map(|(k, fs)| {
                     let ctx = BootCtx {
-                        cache,
                         specs: &specs,
-                        rootfs: &rootfs,
+                        rootfs: &lab.rootfs,
+                        virtiofsd: &lab.virtiofsd,
                         selftests: &selftests,
                         run_dir: &run_dir,
                         accel,
                         explain: opts.explain,
                         mp: &mp,
                     };
-                    sc.spawn(move || run_boot(&ctx, k, *fs))
+                    sc.spawn(move || {
+                        let r = run_boot(&ctx, k, *fs);
+                        r.unwrap_or_else(|e| not_run(&ctx, k, *fs, &format!("{e:#}")))
+                    })
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a boot thread panicked"))))
+                .zip(batch)
+                .map(|(h, (k, fs))| {
+                    h.join().unwrap_or_else(|_| {
+                        let ctx = BootCtx {
+                            specs: &specs,
+                            rootfs: &lab.rootfs,
+                            virtiofsd: &lab.virtiofsd,
+                            selftests: &selftests,
+                            run_dir: &run_dir,
+                            accel,
+                            explain: false,
+                            mp: &mp,
+                        };
+                        not_run(&ctx, k, *fs, "the boot thread panicked")
+                    })
+                })
                 .collect()
         });
         outcomes.extend(results);
     }
+    lab.timings.add(format!("boots ({} of them)", jobs.len()), t_boots.elapsed());
     let mut cells: Vec<CellResult> = Vec::new();
     let mut boots = Vec::new();
-    for r in outcomes {
-        let (c, b) = r?;
+    for (c, b) in outcomes {
         cells.extend(c);
         boots.push(b);
     }
+    let infra = boots.iter().any(|b| b.infra);
     let pass = cells.iter().all(|c| c.pass) && boots.iter().all(|b| b.failure.is_none() && b.splats.is_empty());
     let res = RunResults {
         run_id: run_id.clone(),
@@ -137,11 +210,16 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
         boots,
         wall_s: t0.elapsed().as_secs_f64(),
         pass,
+        provenance: lab.provenance.clone(),
     };
-    std::fs::write(run_dir.join("results.json"), serde_json::to_vec_pretty(&res)?)?;
-    std::fs::write(run_dir.join("report.md"), report::markdown(&specs, &res))?;
-    std::fs::write(run_dir.join("report.html"), crate::html::render(&specs, &res))?;
-    std::fs::write(run_dir.join("junit.xml"), crate::html::junit(&specs, &res))?;
+    let write = |name: &str, bytes: &[u8]| -> Result<()> {
+        let p = run_dir.join(name);
+        std::fs::write(&p, bytes).with_context(|| format!("Failed to write {}", p.display()))
+    };
+    write("results.json", &serde_json::to_vec_pretty(&res)?)?;
+    write("report.md", report::markdown(&specs, &res).as_bytes())?;
+    write("report.html", crate::html::render(&specs, &res).as_bytes())?;
+    write("junit.xml", crate::html::junit(&specs, &res).as_bytes())?;
     println!("\n{}", report::table(&specs, &res));
     let passed = res.results.iter().filter(|c| c.pass).count();
     println!(
@@ -150,27 +228,66 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<bool> {
         util::since(t0),
         run_dir.join("report.html").display()
     );
-    Ok(pass)
+    let summary = lab.timings.summary(std::time::Duration::from_secs(1));
+    if !summary.is_empty() {
+        println!("Where the time went:\n{}", summary.join("\n"));
+    }
+    Ok(if infra {
+        Verdict::Infra
+    } else if pass {
+        Verdict::Pass
+    } else {
+        Verdict::Fail
+    })
 }
 
 /// `cargo xtask shell`.
-pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>) -> Result<()> {
-    host::ensure(&[Need::Kernel, Need::Demos, Need::Image, Need::Boot], false)?;
-    let accel = vm::choose_accel(accel);
-    let k = kernel::build(cache, flavor, &Source::Debian)?;
-    let rootfs = crate::image::build(cache)?;
+pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>, locked: bool) -> Result<()> {
+    let lab = lab::prepare(cache, &LabOpts { flavors: vec![flavor], accel, locked, ..Default::default() })?;
+    let k = &lab.kernels[0];
     let dir = util::target_dir().join("shell").join(format!("{flavor}-{fs}"));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
     let selftests = k.selftests.iter().map(|p| p.display().to_string()).collect();
     let plan = Plan { flavor, fs, scenarios: Vec::new(), selftests, bench: None };
-    vm::shell(cache, &k.bzimage, &rootfs, &dir, &plan, accel)
+    vm::shell(&lab.virtiofsd, &k.bzimage, &lab.rootfs, &dir, &plan, lab.accel)
+}
+
+/// The cells and record of a boot that could not run at all.
+fn not_run(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs, why: &str) -> (Vec<CellResult>, BootRecord) {
+    eprintln!("boot {}/{fs}: NOT RUN: {why}", k.flavor);
+    let cells = ctx
+        .specs
+        .iter()
+        .filter(|s| s.runs_on(fs))
+        .map(|s| {
+            let mut c = results::check(s, k.flavor, fs, None);
+            c.not_run = Some(why.lines().next().unwrap_or(why).to_string());
+            c
+        })
+        .collect();
+    let boot = BootRecord {
+        flavor: k.flavor,
+        fs,
+        kernel: String::new(),
+        kernel_key: k.key.clone(),
+        wall_s: 0.0,
+        to_runner_s: None,
+        console: String::new(),
+        splats: Vec::new(),
+        failure: Some(format!("not run: {why}")),
+        infra: true,
+        setup: Vec::new(),
+        fsck: None,
+        selftests: Vec::new(),
+    };
+    (cells, boot)
 }
 
 /// What every boot of a run shares.
 struct BootCtx<'a> {
-    cache: &'a Cache,
     specs: &'a [Scenario],
     rootfs: &'a std::path::Path,
+    virtiofsd: &'a std::path::Path,
     /// The series' kselftests (from the patched kernel), run on every boot:
     /// they must pass on patched and skip cleanly on stock.
     selftests: &'a [std::path::PathBuf],
@@ -182,7 +299,7 @@ struct BootCtx<'a> {
 
 /// One boot: plan, boot, compare.
 fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellResult>, BootRecord)> {
-    let (cache, run_dir, accel) = (ctx.cache, ctx.run_dir, ctx.accel);
+    let (run_dir, accel) = (ctx.run_dir, ctx.accel);
     let mine: Vec<&Scenario> = ctx.specs.iter().filter(|s| s.runs_on(fs)).collect();
     let plan = Plan {
         flavor: k.flavor,
@@ -192,7 +309,7 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         bench: None,
     };
     let dir = run_dir.join(format!("{}-{}", k.flavor, fs));
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
     let label = format!("boot {}/{}", k.flavor, fs);
     eprintln!("{label}: booting {} under {} ({} scenarios)", k.bzimage.display(), accel.name(), plan.scenarios.len());
     let pb = ctx.mp.add(ui::spinner(format!("{label}: booting")));
@@ -225,18 +342,16 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
             pb.set_message(format!("{label}: runner started"));
         }
     };
-    let outcome = vm::boot(
-        cache,
-        BootSpec {
-            kernel: &k.bzimage,
-            rootfs: ctx.rootfs,
-            dir: &dir,
-            plan: &plan,
-            accel,
-            deadlines: Deadlines::for_plan(accel, &plan),
-            on_line: &mut on_line,
-        },
-    )?;
+    let outcome = vm::boot(BootSpec {
+        kernel: &k.bzimage,
+        virtiofsd: ctx.virtiofsd,
+        rootfs: ctx.rootfs,
+        dir: &dir,
+        plan: &plan,
+        accel,
+        deadlines: Deadlines::for_plan(accel, &plan),
+        on_line: &mut on_line,
+    })?;
     pb.finish_and_clear();
     eprintln!(
         "{label}: {} in {} (runner started at {})",
@@ -251,6 +366,11 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         let mut c = results::check(s, k.flavor, fs, got);
         // A splat or a dead boot fails every cell of that boot.
         c.pass &= boot_ok;
+        if got.is_none() {
+            if let Some(f) = &outcome.failure {
+                c.not_run = Some(f.lines().next().unwrap_or(f).to_string());
+            }
+        }
         cells.push(c);
     }
     let rel = |p: &std::path::Path| p.strip_prefix(run_dir).unwrap_or(p).display().to_string();
@@ -264,6 +384,7 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         console: rel(&outcome.console),
         splats: outcome.splats.iter().map(|s| format!("{} at console.log:{}: {}", s.kind, s.line, s.text)).collect(),
         failure: outcome.failure.clone(),
+        infra: outcome.infra,
         setup: outcome
             .results
             .as_ref()
@@ -281,4 +402,25 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
             .map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)),
     };
     Ok((cells, boot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_dirs_never_collide() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, da) = new_run_dir(d.path()).unwrap();
+        let (b, db) = new_run_dir(d.path()).unwrap();
+        assert_ne!(a, b);
+        assert!(da.is_dir() && db.is_dir());
+        assert!(a.contains(&std::process::id().to_string()), "{a}");
+        assert_eq!(std::fs::read_link(d.path().join("latest")).unwrap(), PathBuf::from(&b));
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!((Verdict::Pass.code(), Verdict::Fail.code(), Verdict::Infra.code()), (0, 1, 69));
+    }
 }

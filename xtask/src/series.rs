@@ -87,7 +87,9 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
         println!("kernel-patches/series lists no patches: nothing to check.");
         return Ok(true);
     }
-    let tree = base_tree(cache, "check")?;
+    let sources = crate::sources::resolve(cache, false)?;
+    let _lock = kernel::tree_lock(cache, "check")?;
+    let tree = base_tree(cache, "check", &sources)?;
     let build_dir = cache.dir("build")?.join("check");
     std::fs::create_dir_all(&build_dir)?;
     let log = build_dir.join("check-series.log");
@@ -96,7 +98,8 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
     let t0 = Instant::now();
 
     // The base is the stock kernel: same source, fragments and recipe.
-    let base_key = kernel::cache_key(&kernel::debian_source_id(), &[], &kernel::read_fragments()?);
+    let base_key =
+        kernel::cache_key(&kernel::debian_source_id(&sources.kernel_version), &[], &kernel::read_fragments()?);
     let keys = prefix_keys(&base_key, &series);
     let old: Record =
         std::fs::read(&record_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
@@ -107,7 +110,7 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
     } else {
         unchanged_prefix(&old, &keys)
     };
-    eprintln!("check-series: base {} (log {})", kernel::SOURCE_VERSION, log.display());
+    eprintln!("check-series: base {} (log {})", sources.kernel_version, log.display());
     kernel::configure(cache, &tree, &build_dir, &log, "check-series base")?;
     if keep == 0 {
         reset_to_base(&tree)?;
@@ -202,7 +205,9 @@ fn edit_tree(cache: &Cache) -> Result<std::path::PathBuf> {
 pub fn edit(cache: &Cache) -> Result<()> {
     let tree = edit_tree(cache)?;
     let fresh = !tree.join(".git/pinlab-base").exists();
-    let tree = base_tree(cache, "edit")?;
+    let sources = crate::sources::resolve(cache, false)?;
+    let _lock = kernel::tree_lock(cache, "edit")?;
+    let tree = base_tree(cache, "edit", &sources)?;
     let head = util::output(git(&tree, &["rev-parse", "HEAD"]))?;
     let base = util::output(git(&tree, &["rev-parse", "pinlab-base"]))?;
     if fresh || head == base {
@@ -245,9 +250,10 @@ pub fn export(cache: &Cache) -> Result<()> {
     let out = util::output(fp)?;
     let names: Vec<String> =
         out.lines().filter_map(|l| Path::new(l.trim()).file_name().map(|n| n.to_string_lossy().into_owned())).collect();
+    let base = std::fs::read_to_string(tree.join(".git/pinlab-base")).unwrap_or_default();
     let series = format!(
         "# Applied in this order with `git am` onto Debian linux-source-6.12 {}.\n{}\n",
-        kernel::SOURCE_VERSION,
+        base.trim(),
         names.join("\n")
     );
     util::write_atomic(&dir.join("series"), series.as_bytes())?;

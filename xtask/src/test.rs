@@ -1,13 +1,14 @@
 //! `cargo xtask test`: the unit tests of the workspace, then every scenario
 //! end to end (`run demo`), failing on any mismatch. Also `clean`.
 
+use crate::run::Verdict;
 use crate::util::{self, Cache};
 use crate::vm::Accel;
 use anyhow::{Context, Result};
 use std::process::Command;
 
-/// Run the suite; returns whether everything passed.
-pub fn run(cache: &Cache, unit_only: bool, accel: Option<Accel>) -> Result<bool> {
+/// Run the suite; returns how it went.
+pub fn run(cache: &Cache, unit_only: bool, accel: Option<Accel>, locked: bool) -> Result<Verdict> {
     crate::host::ensure(&[crate::host::Need::Demos, crate::host::Need::Test], false)?;
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(util::project_root()).args(["test", "--workspace"]);
@@ -15,21 +16,65 @@ pub fn run(cache: &Cache, unit_only: bool, accel: Option<Accel>) -> Result<bool>
     let unit_ok = c.status().context("Failed to run cargo test")?.success();
     if !unit_ok {
         eprintln!("unit tests failed; not starting the end-to-end scenarios");
-        return Ok(false);
+        return Ok(Verdict::Fail);
     }
     if unit_only {
-        return Ok(true);
+        return Ok(Verdict::Pass);
     }
-    let ok = crate::run::run(cache, crate::run::RunOpts { demo: true, accel, ..Default::default() })?;
-    let html_ok = check_report_in_browser(&util::target_dir().join("runs/latest"))?;
-    let latest = util::target_dir().join("runs/latest/results.json");
-    let text = std::fs::read_to_string(&latest).with_context(|| format!("Failed to read {}", latest.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let drift_ok = check_drift_path(cache)?;
+    let verdict = crate::run::run(cache, crate::run::RunOpts { demo: true, accel, locked, ..Default::default() })?;
+    // This run's own directory: `latest` may already point at a concurrent run's.
+    let run_dir = crate::run::last_run_dir().context("the run recorded no directory")?;
+    let html_ok = check_report_in_browser(&run_dir)?;
+    let path = run_dir.join("results.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("Failed to read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("Failed to parse {}", path.display()))?;
     let cells = v["results"].as_array().map(|a| a.as_slice()).unwrap_or(&[]);
     let passed = cells.iter().filter(|c| c["pass"] == true).count();
     // The plain closing line CI reads.
     println!("scenarios: {} passed, {} failed", passed, cells.len() - passed);
-    Ok(ok && html_ok)
+    Ok(match verdict {
+        Verdict::Pass if html_ok && drift_ok => Verdict::Pass,
+        Verdict::Pass => Verdict::Fail,
+        v => v,
+    })
+}
+
+/// The drift path, for real: a lock naming a libc6 version Debian never
+/// served must resolve to the current one (and say so), and the rootfs it
+/// resolves to must build and carry every tool the guest needs.
+fn check_drift_path(cache: &Cache) -> Result<bool> {
+    let lock = crate::image::read_lock()?;
+    let bogus = "0.0-pinlab-never-served";
+    let mut changed = 0;
+    let doctored: String = lock
+        .lines()
+        .map(|l| match l.split_once('=') {
+            Some(("libc6", _)) => {
+                changed += 1;
+                format!("libc6={bogus}\n")
+            }
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    anyhow::ensure!(changed == 1, "image/packages.lock has no libc6 line to doctor");
+    eprintln!("drift check: resolving image/packages.lock with libc6={bogus}");
+    let sources = crate::sources::resolve_with(cache, &doctored, crate::kernel::SOURCE_VERSION, false)?;
+    let libc = sources.packages.iter().find(|(n, _)| n == "libc6").map(|(_, v)| v.clone());
+    let drifted = sources.drift.iter().any(|d| d.name == "libc6" && d.locked.as_deref() == Some(bogus));
+    let rootfs = crate::image::base(cache, &sources)?;
+    let problems = crate::image::rootfs_problems(&rootfs);
+    let locked_refused = crate::sources::resolve_with(cache, &doctored, crate::kernel::SOURCE_VERSION, true).is_err();
+    let ok = drifted && libc.as_deref().is_some_and(|v| v != bogus) && problems.is_empty() && locked_refused;
+    eprintln!(
+        "drift check: {} (libc6 resolved to {}, drift recorded: {drifted}, rootfs {}: {}, --locked refused it: {locked_refused})",
+        if ok { "ok" } else { "FAILED" },
+        libc.as_deref().unwrap_or("nothing"),
+        rootfs.display(),
+        if problems.is_empty() { "complete".to_string() } else { problems.join("; ") }
+    );
+    Ok(ok)
 }
 
 /// Render `report.html` in headless Chromium: keep a screenshot in the run
@@ -104,7 +149,7 @@ pub fn dom_problems(dom: &str, results: &serde_json::Value) -> Vec<String> {
 
 /// `cargo xtask clean [--all]`.
 pub fn clean(cache: &Cache, all: bool) -> Result<()> {
-    let mut dirs = vec!["kernels", "rootfs", "build", "trees"];
+    let mut dirs = vec!["kernels", "rootfs", "rootfs-demos", "build", "trees", "locks"];
     if all {
         dirs.extend(["debs", "src", "apt", "tools", "ccache"]);
     }

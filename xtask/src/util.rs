@@ -89,6 +89,8 @@ pub fn run_logged(mut cmd: Command, log: &Path, mut on_line: impl FnMut(&str)) -
         .with_context(|| format!("Failed to open log {}", log.display()))?;
     writeln!(logf, "$ {shown}")?;
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // A long build (make, cargo) must not outlive an interrupted pinlab.
+    crate::cleanup::die_with_parent(&mut cmd);
     let mut child = cmd.spawn().with_context(|| {
         format!("Failed to start `{shown}` (is {} installed?)", cmd.get_program().to_string_lossy())
     })?;
@@ -190,9 +192,64 @@ impl KeyHasher {
 /// Write `bytes` to `path` atomically (temp file + rename), so an interrupted
 /// run never leaves a half-written cache entry.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp-pinlab");
+    let tmp = staging_path(path);
     std::fs::write(&tmp, bytes).with_context(|| format!("Failed to write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("Failed to rename {} to {}", tmp.display(), path.display()))
+}
+
+/// An advisory lock on a file (`flock`), released when dropped. Shared
+/// cache artefacts are checked and built under one, so runs from one or
+/// several clones either wait for a complete artefact or build it once.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: std::fs::File,
+}
+
+impl FileLock {
+    /// Take the exclusive lock on `path` (created if missing), waiting for
+    /// another holder and saying so if the wait is noticeable.
+    pub fn exclusive(path: &Path) -> Result<FileLock> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("Failed to create {}", parent.display()))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("Failed to open the lock file {}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                eprintln!("pinlab: waiting for another pinlab run holding {}", path.display());
+                f.lock().with_context(|| format!("Failed to lock {}", path.display()))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("Failed to lock {}", path.display()));
+            }
+        }
+        Ok(FileLock { _file: f })
+    }
+}
+
+/// A name for a staging sibling of `path` that no other process uses:
+/// `NAME.tmp-PID-N`.
+pub fn staging_path(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!("{name}.tmp-{}-{n}", std::process::id()))
+}
+
+/// Move a complete staging directory into place (replacing what was there).
+pub fn publish_dir(staging: &Path, dest: &Path) -> Result<()> {
+    if dest.exists() {
+        let old = staging_path(dest);
+        std::fs::rename(dest, &old).with_context(|| format!("Failed to move {} aside", dest.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    std::fs::rename(staging, dest)
+        .with_context(|| format!("Failed to rename {} to {}", staging.display(), dest.display()))
 }
 
 /// `12.3s` / `4m05s`.

@@ -8,11 +8,12 @@
 
 use crate::console::{self, Splat};
 use crate::qemu::{self, QemuSpec};
-use crate::util::{self, Cache};
+use crate::util;
 use anyhow::{bail, Context, Result};
 use pinlab_scenarios::plan::Plan;
 use pinlab_scenarios::results::BootResults;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -68,19 +69,27 @@ pub fn choose_accel(flag: Option<Accel>) -> Accel {
 pub struct Deadlines {
     /// From QEMU start until the runner starts (kernel boot + guest setup).
     pub boot: Duration,
-    /// From QEMU start until QEMU exits.
-    pub run: Duration,
+    /// The no-progress watchdog: the longest the guest may go without
+    /// finishing a step (or starting a scenario, or ending the run).
+    pub stall: Duration,
+    /// How long the guest may keep printing after a hung-task or soft-lockup
+    /// report (its stack traces) before the host ends the boot.
+    pub grace: Duration,
 }
 
 impl Deadlines {
-    /// Generous enough for TCG on a loaded 2-core machine; a healthy boot
-    /// reaches the runner in a few seconds.
-    pub fn for_plan(accel: Accel, plan: &Plan) -> Deadlines {
+    /// Measured under TCG on the 2-core CI machine: the runner starts
+    /// 2.2–2.8 s after QEMU; the slowest step of the matrix takes about 3 s and
+    /// the slowest gap between two progress markers (setup + selftests
+    /// before the first scenario, fsck after the last) about 4 s. The
+    /// watchdog allows ten times that; a bench figure (registrations of
+    /// 256 MiB, bandwidth runs) gets its own allowance via `stall`.
+    pub fn for_plan(accel: Accel, _plan: &Plan) -> Deadlines {
         let slow = if accel == Accel::Tcg { 3 } else { 1 };
-        let steps: usize = plan.scenarios.iter().map(|s| s.steps.len()).sum();
         Deadlines {
             boot: Duration::from_secs(40 * slow),
-            run: Duration::from_secs(60 * slow + 20 * slow * steps as u64),
+            stall: Duration::from_secs(20 * slow),
+            grace: Duration::from_secs(10),
         }
     }
 }
@@ -89,6 +98,8 @@ impl Deadlines {
 pub struct BootSpec<'a> {
     /// Kernel image.
     pub kernel: &'a Path,
+    /// The virtiofsd binary.
+    pub virtiofsd: &'a Path,
     /// Rootfs directory.
     pub rootfs: &'a Path,
     /// This boot's output directory (console.log, share/).
@@ -114,6 +125,9 @@ pub struct BootOutcome {
     pub splats: Vec<Splat>,
     /// A boot-level failure: a deadline, a crash, missing results.
     pub failure: Option<String>,
+    /// The failure is pinlab's or the host's (a deadline, QEMU or virtiofsd
+    /// failing, missing results), not the kernel's answer to a scenario.
+    pub infra: bool,
     /// QEMU start to exit.
     pub wall: Duration,
     /// QEMU start to the runner's start marker.
@@ -124,6 +138,14 @@ pub struct BootOutcome {
 struct Reaper(Option<Child>);
 
 impl Reaper {
+    /// Spawn `cmd` so that it dies with us, registered for Ctrl-C cleanup.
+    fn spawn(cmd: &mut Command) -> std::io::Result<Reaper> {
+        crate::cleanup::die_with_parent(cmd);
+        let child = cmd.spawn()?;
+        crate::cleanup::register_pid(child.id());
+        Ok(Reaper(Some(child)))
+    }
+
     fn child(&mut self) -> &mut Child {
         self.0.as_mut().expect("child present until drop")
     }
@@ -136,6 +158,7 @@ impl Drop for Reaper {
                 let _ = c.kill();
             }
             let _ = c.wait();
+            crate::cleanup::forget_pid(c.id());
         }
     }
 }
@@ -156,8 +179,7 @@ fn spawn_virtiofsd(bin: &Path, sock: &Path, dir: &Path, readonly: bool, log: &Pa
     let logf = std::fs::File::create(log)?;
     c.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     let shown = util::show(&c);
-    let child = c.spawn().with_context(|| format!("Failed to start `{shown}`"))?;
-    let mut r = Reaper(Some(child));
+    let mut r = Reaper::spawn(&mut c).with_context(|| format!("Failed to start `{shown}`"))?;
     // Deadline: the socket must appear within 10 s.
     let t = Instant::now();
     while !sock.exists() {
@@ -177,12 +199,18 @@ fn spawn_virtiofsd(bin: &Path, sock: &Path, dir: &Path, readonly: bool, log: &Pa
 struct Machine {
     qspec: QemuSpec,
     share: PathBuf,
-    _tmp: tempfile::TempDir,
     _vfs: [Reaper; 2],
+    tmp: tempfile::TempDir,
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        crate::cleanup::forget_dir(self.tmp.path());
+    }
 }
 
 fn prepare(
-    cache: &Cache,
+    virtiofsd: &Path,
     kernel: &Path,
     rootfs: &Path,
     dir: &Path,
@@ -190,7 +218,6 @@ fn prepare(
     accel: Accel,
     extra: &str,
 ) -> Result<Machine> {
-    let virtiofsd = crate::host::ensure_virtiofsd(cache, false)?;
     let share = dir.join("share");
     let _ = std::fs::remove_dir_all(&share);
     std::fs::create_dir_all(&share)?;
@@ -205,15 +232,19 @@ fn prepare(
         }
     }
     // Sockets need a short path (108 bytes); the NVDIMM files are sparse.
-    let tmp = tempfile::Builder::new().prefix("pinlab-vm-").tempdir().context("Failed to create a temp dir")?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("{}{}-", crate::cleanup::VM_DIR_PREFIX, std::process::id()))
+        .tempdir()
+        .context("Failed to create a temp dir")?;
+    crate::cleanup::register_dir(tmp.path());
     let pmem = tmp.path().join("pmem0.img");
     let devdax = tmp.path().join("pmem1.img");
     std::fs::File::create(&pmem)?.set_len(qemu::PMEM_MIB << 20)?;
     std::fs::File::create(&devdax)?.set_len(qemu::DEVDAX_MIB << 20)?;
     let rootfs_sock = tmp.path().join("rootfs.sock");
     let share_sock = tmp.path().join("share.sock");
-    let vfs_root = spawn_virtiofsd(&virtiofsd, &rootfs_sock, rootfs, true, &dir.join("virtiofsd-rootfs.log"))?;
-    let vfs_share = spawn_virtiofsd(&virtiofsd, &share_sock, &share, false, &dir.join("virtiofsd-share.log"))?;
+    let vfs_root = spawn_virtiofsd(virtiofsd, &rootfs_sock, rootfs, true, &dir.join("virtiofsd-rootfs.log"))?;
+    let vfs_share = spawn_virtiofsd(virtiofsd, &share_sock, &share, false, &dir.join("virtiofsd-share.log"))?;
     let qspec = QemuSpec {
         accel,
         cpus: 2,
@@ -224,40 +255,80 @@ fn prepare(
         rootfs_sock,
         share_sock,
         interactive: false,
+        console_log: None,
     };
-    Ok(Machine { qspec, share, _tmp: tmp, _vfs: [vfs_root, vfs_share] })
+    Ok(Machine { qspec, share, tmp, _vfs: [vfs_root, vfs_share] })
 }
 
 /// Boot into an interactive shell on this terminal: the lab is set up (DAX
 /// mounted, rxe up), the demos are on PATH; `exit` powers the guest off.
-pub fn shell(cache: &Cache, kernel: &Path, rootfs: &Path, dir: &Path, plan: &Plan, accel: Accel) -> Result<()> {
-    let mut m = prepare(cache, kernel, rootfs, dir, plan, accel, "pinlab.mode=shell")?;
+/// The console is also logged to `dir/console.log`; a kernel panic or oops
+/// there makes this fail (after QEMU exits) instead of returning success.
+pub fn shell(virtiofsd: &Path, kernel: &Path, rootfs: &Path, dir: &Path, plan: &Plan, accel: Accel) -> Result<()> {
+    let mut m = prepare(virtiofsd, kernel, rootfs, dir, plan, accel, "pinlab.mode=shell")?;
     m.qspec.interactive = true;
+    let console_path = dir.join("console.log");
+    m.qspec.console_log = Some(console_path.clone());
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(qemu::args(&m.qspec));
     let shown = util::show(&cmd);
     eprintln!("$ {shown}");
-    eprintln!("(type `exit` in the guest to power it off)");
-    let status = cmd.status().with_context(|| format!("Failed to start `{shown}`"))?;
+    eprintln!("(type `exit` in the guest to power it off; console log: {})", console_path.display());
+    let mut q = Reaper::spawn(&mut cmd).with_context(|| format!("Failed to start `{shown}`"))?;
+    let status = q.child().wait().with_context(|| format!("Failed to wait for `{shown}`"))?;
+    let log = std::fs::read_to_string(&console_path).unwrap_or_default();
+    let fatal: Vec<Splat> =
+        console::scan(&log).into_iter().filter(|s| matches!(s.kind, "Kernel panic" | "Oops" | "BUG")).collect();
+    if let Some(f) = fatal.first() {
+        bail!(
+            "the guest kernel crashed: {} (console.log:{}); the whole console is in {}",
+            f.text,
+            f.line,
+            console_path.display()
+        );
+    }
     if !status.success() {
-        bail!("QEMU exited with {status}");
+        bail!("QEMU exited with {status}; the console is in {}", console_path.display());
     }
     Ok(())
 }
 
+/// The scenario and step the guest was in, from its progress markers.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    scenario: Option<String>,
+    step: Option<usize>,
+}
+
+impl Progress {
+    fn describe(&self, plan: &Plan) -> String {
+        let Some(id) = &self.scenario else {
+            return "before the first scenario (lab setup or selftests)".into();
+        };
+        let sc = plan.scenarios.iter().find(|s| &s.id == id);
+        let next = self.step.map(|i| i + 1).unwrap_or(0);
+        match sc.and_then(|s| s.steps.get(next)) {
+            Some(st) => format!("scenario {id}, step {} ({})", next + 1, st.name),
+            None => format!("scenario {id}, after its last step (isolation check, or fsck at the end)"),
+        }
+    }
+}
+
 /// Boot once and run the plan.
-pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
-    let m = prepare(cache, spec.kernel, spec.rootfs, spec.dir, spec.plan, spec.accel, "")?;
+pub fn boot(spec: BootSpec<'_>) -> Result<BootOutcome> {
+    let m = prepare(spec.virtiofsd, spec.kernel, spec.rootfs, spec.dir, spec.plan, spec.accel, "")?;
     let share = m.share.clone();
     let qspec = m.qspec.clone();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(qemu::args(&qspec));
     let shown = util::show(&cmd);
-    std::fs::write(spec.dir.join("qemu-cmdline.txt"), format!("{shown}\n"))?;
+    std::fs::write(spec.dir.join("qemu-cmdline.txt"), format!("{shown}\n"))
+        .with_context(|| format!("Failed to write {}", spec.dir.join("qemu-cmdline.txt").display()))?;
     let qemu_log = spec.dir.join("qemu.log");
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(std::fs::File::create(&qemu_log)?);
+    let qlog = std::fs::File::create(&qemu_log).with_context(|| format!("Failed to create {}", qemu_log.display()))?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(qlog);
     let t0 = Instant::now();
-    let mut qemu = Reaper(Some(cmd.spawn().with_context(|| format!("Failed to start `{shown}`"))?));
+    let mut qemu = Reaper::spawn(&mut cmd).with_context(|| format!("Failed to start `{shown}`"))?;
     let stdout = qemu.child().stdout.take().context("no QEMU stdout")?;
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -270,26 +341,55 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
     });
 
     let console_path = spec.dir.join("console.log");
-    let mut console = std::fs::File::create(&console_path)?;
+    let mut console =
+        std::fs::File::create(&console_path).with_context(|| format!("Failed to create {}", console_path.display()))?;
     let mut tail: std::collections::VecDeque<String> = Default::default();
     let mut to_runner = None;
     let mut failure = None;
+    let mut infra = false;
     let mut done = false;
+    let mut progress = Progress::default();
+    let mut last_progress = t0;
+    // A hung-task or soft-lockup report: when, and what.
+    let mut hang: Option<(Instant, String)> = None;
+    let last_lines = |tail: &std::collections::VecDeque<String>| {
+        tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+    };
     loop {
-        let (deadline, name) = if to_runner.is_none() {
-            (spec.deadlines.boot, "boot deadline (kernel start to runner start)")
+        let now = Instant::now();
+        let (deadline_at, what) = if let Some((at, _)) = &hang {
+            (*at + spec.deadlines.grace, "hang")
+        } else if to_runner.is_none() {
+            (t0 + spec.deadlines.boot, "boot")
         } else {
-            (spec.deadlines.run, "run deadline (QEMU start to poweroff)")
+            (last_progress + spec.deadlines.stall, "stall")
         };
-        let left = deadline.saturating_sub(t0.elapsed());
+        let left = deadline_at.saturating_duration_since(now);
         match rx.recv_timeout(left.min(Duration::from_millis(500))) {
             Ok(line) => {
-                writeln!(console, "{line}")?;
+                writeln!(console, "{line}").with_context(|| format!("Failed to write {}", console_path.display()))?;
                 if to_runner.is_none() && console::has_marker(&line, console::MARK_RUNNER) {
                     to_runner = Some(t0.elapsed());
+                    last_progress = Instant::now();
+                }
+                if let Some(rest) = line.split(console::MARK_SCENARIO).nth(1) {
+                    progress = Progress { scenario: rest.split_whitespace().next().map(String::from), step: None };
+                    last_progress = Instant::now();
+                } else if let Some(st) = console::step_line(&line) {
+                    progress.step = Some(st.index);
+                    last_progress = Instant::now();
+                }
+                if console::has_marker(&line, console::MARK_BENCH) {
+                    last_progress = Instant::now();
                 }
                 if console::has_marker(&line, console::MARK_DONE) {
                     done = true;
+                    last_progress = Instant::now();
+                }
+                if hang.is_none()
+                    && matches!(console::splat_in_line(&line), Some("hung task" | "soft lockup" | "RCU stall"))
+                {
+                    hang = Some((Instant::now(), line.clone()));
                 }
                 (spec.on_line)(&line);
                 tail.push_back(line);
@@ -299,36 +399,71 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if t0.elapsed() >= deadline {
+                if Instant::now() >= deadline_at {
                     let _ = qemu.child().kill();
+                    let why = match what {
+                        "hang" => {
+                            let (_, l) = hang.as_ref().map(|(a, l)| (*a, l.clone())).unwrap_or((now, String::new()));
+                            format!("the guest kernel reported a hang ({})", l.trim())
+                        }
+                        "boot" => format!(
+                            "boot deadline: the runner did not start within {} of QEMU starting",
+                            util::fmt_duration(spec.deadlines.boot)
+                        ),
+                        _ => format!("watchdog: no progress for {}", util::fmt_duration(spec.deadlines.stall)),
+                    };
                     failure = Some(format!(
-                        "{name} of {} expired; QEMU killed. The console last printed:\n{}",
-                        util::fmt_duration(deadline),
-                        tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
+                        "{why}; QEMU killed while the guest was in {}. Console: {}; it last printed:\n{}",
+                        progress.describe(spec.plan),
+                        console_path.display(),
+                        last_lines(&tail)
                     ));
+                    // A kernel that reports its own hang is the kernel's fault; a silent stall is ours to explain.
+                    infra = what != "hang";
                     break;
                 }
             }
         }
     }
     let _ = reader.join();
-    let status = qemu.child().wait()?;
+    let status = qemu.child().wait().context("Failed to wait for QEMU")?;
     let wall = t0.elapsed();
     console.flush()?;
     drop(console);
-    if failure.is_none() && !status.success() {
-        let err = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-        failure = Some(format!("QEMU exited with {status}: {}", err.trim()));
-    }
-    if failure.is_none() && !done {
-        failure = Some(format!(
-            "the guest stopped before pinlab-init printed {} (crash or panic?). The console last printed:\n{}",
-            console::MARK_DONE,
-            tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
-        ));
-    }
     let log = std::fs::read_to_string(&console_path).unwrap_or_default();
     let splats = console::scan(&log);
+    let crashed =
+        splats.iter().find(|s| matches!(s.kind, "Kernel panic" | "Oops" | "BUG" | "general protection fault"));
+    if failure.is_none() && !status.success() {
+        let err = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+        failure = Some(match status.signal() {
+            Some(sig) => format!("QEMU was killed by signal {sig} (interrupted?): {}", err.trim()),
+            None => format!("QEMU exited with {status}: {}", err.trim()),
+        });
+        infra = true;
+    }
+    if failure.is_none() && !done {
+        failure = Some(match crashed {
+            Some(c) => format!(
+                "the guest kernel crashed ({}: {} at console.log:{}). Console: {}; it last printed:\n{}",
+                c.kind,
+                c.text.trim(),
+                c.line,
+                console_path.display(),
+                last_lines(&tail)
+            ),
+            None => {
+                infra = true;
+                format!(
+                    "the guest powered off before pinlab-init printed {} and no kernel crash is on the console. \
+                     Console: {}; it last printed:\n{}",
+                    console::MARK_DONE,
+                    console_path.display(),
+                    last_lines(&tail)
+                )
+            }
+        });
+    }
     let results_path = share.join("guest-results.json");
     let results = match std::fs::read(&results_path) {
         Ok(b) => Some(
@@ -338,7 +473,8 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
         Err(_) => None,
     };
     if results.is_none() && failure.is_none() {
-        failure = Some(format!("the guest wrote no {}", results_path.display()));
+        failure = Some(format!("the guest wrote no {}; console: {}", results_path.display(), console_path.display()));
+        infra = true;
     }
     if failure.is_none() {
         let failed: Vec<String> = results
@@ -352,13 +488,29 @@ pub fn boot(cache: &Cache, spec: BootSpec<'_>) -> Result<BootOutcome> {
         }
     }
     if failure.is_none() {
+        let failed_setup: Vec<String> = results
+            .iter()
+            .flat_map(|r| r.setup.iter())
+            .filter(|s| s.outcome != "ok")
+            .map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail))
+            .collect();
         match results.as_ref().and_then(|r| r.fsck.as_ref()) {
             Some(f) if f.outcome == "ok" => {}
             Some(f) => failure = Some(format!("filesystem check failed: {}: {} {}", f.name, f.outcome, f.detail)),
-            None => failure = Some("the runner did not check the filesystem at the end".into()),
+            None if !failed_setup.is_empty() => {
+                failure = Some(format!("guest setup failed: {}", failed_setup.join("; ")));
+                infra = true;
+            }
+            None => {
+                failure = Some(format!(
+                    "the runner did not check the filesystem at the end; console: {}",
+                    console_path.display()
+                ));
+                infra = true;
+            }
         }
     }
-    Ok(BootOutcome { console: console_path, results, splats, failure, wall, to_runner })
+    Ok(BootOutcome { console: console_path, results, splats, failure, infra, wall, to_runner })
 }
 
 #[cfg(test)]

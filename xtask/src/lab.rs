@@ -1,0 +1,171 @@
+//! Everything a boot needs, resolved once per command: host tools, sources
+//! (with drift handled), downloads, kernels per flavor, rootfs with the
+//! demos, virtiofsd and the accelerator. `run`, `shell`, `bench` and `test`
+//! all start here.
+//!
+//! Order matters for a newcomer's first run: every download is resolved and
+//! fetched before the first kernel build starts (a bad download fails in
+//! seconds, not after twenty minutes of compiling), and virtiofsd, the demos
+//! and the rootfs are built on a second thread while the kernels compile.
+
+use crate::host::{self, Need};
+use crate::kernel::{self, Kernel, Source};
+use crate::sources::{self, Provenance, Sources};
+use crate::util::{self, Cache};
+use crate::vm::Accel;
+use anyhow::{Context, Result};
+use pinlab_scenarios::Flavor;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What to prepare.
+#[derive(Clone, Debug, Default)]
+pub struct LabOpts {
+    /// Kernel flavors to build (deduplicated, in order).
+    pub flavors: Vec<Flavor>,
+    /// `--kernel-tree`.
+    pub kernel_tree: Option<PathBuf>,
+    /// `--no-install`.
+    pub no_install: bool,
+    /// `--locked`: a pinned version Debian no longer serves is an error.
+    pub locked: bool,
+    /// `--accel`.
+    pub accel: Option<Accel>,
+}
+
+/// A prepared lab.
+pub struct Lab {
+    /// One kernel per requested flavor, in order.
+    pub kernels: Vec<Kernel>,
+    /// The rootfs (packages + overlay + demos).
+    pub rootfs: PathBuf,
+    /// The virtiofsd binary.
+    pub virtiofsd: PathBuf,
+    /// The accelerator.
+    pub accel: Accel,
+    /// What the kernels and rootfs were made from.
+    pub provenance: Provenance,
+    /// Where the set-up time went.
+    pub timings: Timings,
+}
+
+/// Named durations, in the order they finished.
+#[derive(Default)]
+pub struct Timings(Mutex<Vec<(String, Duration)>>);
+
+impl Timings {
+    /// Time `f` under `name`.
+    pub fn time<T>(&self, name: impl Into<String>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let t = Instant::now();
+        let r = f();
+        if let Ok(mut v) = self.0.lock() {
+            v.push((name.into(), t.elapsed()));
+        }
+        r
+    }
+
+    /// Record a measured phase.
+    pub fn add(&self, name: impl Into<String>, d: Duration) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push((name.into(), d));
+        }
+    }
+
+    /// The phases that took at least `min`, as `name  4m05s` lines.
+    pub fn summary(&self, min: Duration) -> Vec<String> {
+        let v = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+        v.iter().filter(|(_, d)| *d >= min).map(|(n, d)| format!("  {:<44} {:>8}", n, util::fmt_duration(*d))).collect()
+    }
+}
+
+/// Deduplicate, keeping the first occurrence.
+pub fn dedup<T: PartialEq + Clone>(v: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for x in v {
+        if !out.contains(x) {
+            out.push(x.clone());
+        }
+    }
+    out
+}
+
+/// Prepare everything for booting `opts.flavors`.
+pub fn prepare(cache: &Cache, opts: &LabOpts) -> Result<Lab> {
+    let timings = Timings::default();
+    let flavors = dedup(&opts.flavors);
+    timings.time("host packages", || {
+        host::ensure(&[Need::Kernel, Need::Demos, Need::Image, Need::Boot, Need::Virtiofsd], opts.no_install)
+    })?;
+    let sources = timings.time("resolve sources (Debian archive index)", || sources::resolve(cache, opts.locked))?;
+    let source = match &opts.kernel_tree {
+        Some(p) => Source::Tree(p.clone()),
+        None => Source::Debian,
+    };
+    // Every download first.
+    timings.time("downloads (kernel source, rootfs packages)", || prefetch(cache, &sources, &flavors, &source))?;
+
+    let (kernels, side) = std::thread::scope(|sc| {
+        let side = sc.spawn(|| -> Result<(PathBuf, PathBuf, Accel)> {
+            let virtiofsd = timings.time("virtiofsd", || host::ensure_virtiofsd(cache, opts.no_install))?;
+            let rootfs = timings.time("rootfs + demos", || crate::image::build(cache, &sources))?;
+            let accel = timings.time("KVM probe", || Ok(crate::vm::choose_accel(opts.accel)))?;
+            Ok((virtiofsd, rootfs, accel))
+        });
+        let mut kernels = Vec::new();
+        let mut err = None;
+        for &f in &flavors {
+            match timings.time(format!("kernel {f}"), || kernel::build(cache, f, &source, &sources)) {
+                Ok(k) => kernels.push(k),
+                Err(e) => {
+                    err = Some(e);
+                    break;
+                }
+            }
+        }
+        let side = side.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the rootfs/virtiofsd thread panicked")));
+        (err.map_or(Ok(kernels), Err), side)
+    });
+    let kernels = kernels?;
+    let (virtiofsd, rootfs, accel) = side?;
+    Ok(Lab { kernels, rootfs, virtiofsd, accel, provenance: sources.provenance(), timings })
+}
+
+/// Fetch what the builds will need and do not have yet: the kernel source
+/// .deb (unless every kernel is cached or the source is extracted) and the
+/// rootfs .debs (unless the rootfs is cached).
+fn prefetch(cache: &Cache, sources: &Sources, flavors: &[Flavor], source: &Source) -> Result<()> {
+    if matches!(source, Source::Debian) {
+        let extracted = cache.root.join("src").join(format!("linux-{}", sources.kernel_version));
+        let mut all_cached = true;
+        for &f in flavors {
+            all_cached &= kernel::cached(cache, f, sources)?.is_some();
+        }
+        if !all_cached && !extracted.join(".pinlab-complete").exists() {
+            let t = Instant::now();
+            let deb = sources.kernel_deb(cache).context("Failed to fetch the kernel source")?;
+            eprintln!("kernel source: {} fetched and verified in {}", deb.display(), util::since(t));
+        }
+    }
+    crate::image::prefetch(cache, sources)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_keeps_order() {
+        assert_eq!(dedup(&[2, 1, 2, 3, 1]), vec![2, 1, 3]);
+    }
+
+    #[test]
+    fn summary_skips_short_phases() {
+        let t = Timings::default();
+        t.add("kernel stock", Duration::from_secs(500));
+        t.add("KVM probe", Duration::from_millis(10));
+        let s = t.summary(Duration::from_millis(500));
+        assert_eq!(s.len(), 1);
+        assert!(s[0].contains("kernel stock") && s[0].contains("8m20s"), "{s:?}");
+    }
+}

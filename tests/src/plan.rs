@@ -122,6 +122,10 @@ impl LeaseKind {
     }
 }
 
+/// How long the guest runner waits for one step before it records a
+/// timeout and goes on; the host's no-progress watchdog is longer.
+pub const STEP_DEADLINE_S: u64 = 60;
+
 /// The series' uapi value for a layout lease (`include/uapi/asm-generic/fcntl.h`).
 pub const F_LAYOUT: i32 = 16;
 /// The series' uapi flag making a layout lease exclusive (unbreakable).

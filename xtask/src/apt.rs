@@ -49,10 +49,18 @@ impl Apt {
         if !keyring.exists() {
             bail!("{} is missing: install the debian-archive-keyring package", keyring.display());
         }
-        std::fs::write(root.join("etc/sources.list"), SOURCES)?;
+        // Written only when they differ, atomically: a concurrent run's
+        // apt-get may be reading them right now.
+        let put = |p: &Path, text: &str| -> Result<()> {
+            if std::fs::read_to_string(p).ok().as_deref() != Some(text) {
+                util::write_atomic(p, text.as_bytes())?;
+            }
+            Ok(())
+        };
+        put(&root.join("etc/sources.list"), SOURCES)?;
         let status = root.join("state/status");
         if !status.exists() {
-            std::fs::write(&status, "")?;
+            put(&status, "")?;
         }
         let r = root.display();
         let conf = format!(
@@ -65,7 +73,7 @@ impl Apt {
             if crate::host::nix_is_root() { "root" } else { "" }
         );
         let conf_path = root.join("apt.conf");
-        std::fs::write(&conf_path, conf)?;
+        put(&conf_path, &conf)?;
         let debs = cache.dir("debs")?;
         Ok(Apt { root, conf: conf_path, debs })
     }
@@ -77,23 +85,68 @@ impl Apt {
     }
 
     /// `apt-get update` against the private sources, at most once a day.
+    ///
+    /// Offline with lists from an earlier update: a warning, not an error
+    /// (a warm run needs no network). `force` still skips an update another
+    /// run made in the last minute.
     pub fn update(&self, force: bool) -> Result<()> {
         let stamp = self.root.join("state/updated");
-        let fresh = stamp
-            .metadata()
-            .and_then(|m| m.modified())
-            .map(|t| t.elapsed().map(|e| e.as_secs() < 86_400).unwrap_or(false))
-            .unwrap_or(false);
-        if fresh && !force {
+        let age =
+            || stamp.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).map(|e| e.as_secs());
+        let fresh = |limit: u64| age().is_some_and(|a| a < limit);
+        if fresh(86_400) && !force {
             return Ok(());
         }
         let _lock = util::FileLock::exclusive(&self.root.join("update.lock"))?;
+        // Another run may have updated while we waited for the lock.
+        if fresh(if force { 60 } else { 86_400 }) {
+            return Ok(());
+        }
         let mut c = self.cmd("apt-get");
         c.args(["update", "-q"]);
         eprintln!("$ APT_CONFIG={} apt-get update -q", self.conf.display());
-        util::output(c).context("Failed to update the private apt lists (is deb.debian.org reachable?)")?;
-        std::fs::write(&stamp, "")?;
+        if let Err(e) = util::output(c) {
+            if self.has_lists() {
+                eprintln!(
+                    "apt: could not refresh the package lists ({}); using the lists from the last update",
+                    format!("{e:#}").lines().last().unwrap_or("")
+                );
+                return Ok(());
+            }
+            return Err(e).context("Failed to update the private apt lists (is deb.debian.org reachable?)");
+        }
+        util::write_atomic(&stamp, b"")?;
         Ok(())
+    }
+
+    fn has_lists(&self) -> bool {
+        std::fs::read_dir(self.root.join("state/lists"))
+            .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_Packages")))
+            .unwrap_or(false)
+    }
+
+    /// A hash of the `InRelease` files of the lists: changes exactly when an
+    /// update brought new indices.
+    pub fn lists_id(&self) -> Result<String> {
+        let lists = self.root.join("state/lists");
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&lists)
+            .with_context(|| format!("Failed to read {}", lists.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|f| f.to_string_lossy().ends_with("_InRelease")))
+            .collect();
+        names.sort();
+        let mut h = util::KeyHasher::default();
+        for p in names {
+            let b = std::fs::read(&p).with_context(|| format!("Failed to read {}", p.display()))?;
+            h.part(&p.file_name().unwrap_or_default().to_string_lossy(), &b);
+        }
+        Ok(h.finish())
+    }
+
+    /// Where resolutions are remembered (see `sources`).
+    pub fn resolved_dir(&self) -> PathBuf {
+        self.root.join("resolved")
     }
 
     /// The archive index (the `Packages` files of the private lists) for
@@ -115,29 +168,14 @@ impl Apt {
         Ok(idx)
     }
 
-    /// Ensure the archive serves every `(name, version)` of `pins`: the lists
-    /// are refreshed if one is missing and they are more than an hour old
-    /// (they may be a day old). Returns the index and the pins it still lacks.
+    /// The index for `pins` (and `extra` names) from the current lists, and
+    /// the pins it does not serve.
     pub fn index_for(&self, pins: &[(String, String)], extra: &[String]) -> Result<(Index, Vec<(String, String)>)> {
         let mut names: BTreeSet<String> = pins.iter().map(|(n, _)| n.clone()).collect();
         names.extend(extra.iter().cloned());
-        self.update(false)?;
-        let mut idx = self.index(&names)?;
-        if pins.iter().any(|(n, v)| idx.get(n, v).is_none()) && !self.updated_now() {
-            self.update(true)?;
-            idx = self.index(&names)?;
-        }
+        let idx = self.index(&names)?;
         let missing = pins.iter().filter(|(n, v)| idx.get(n, v).is_none()).cloned().collect();
         Ok((idx, missing))
-    }
-
-    fn updated_now(&self) -> bool {
-        self.root
-            .join("state/updated")
-            .metadata()
-            .and_then(|m| m.modified())
-            .map(|t| t.elapsed().map(|e| e.as_secs() < 3600).unwrap_or(false))
-            .unwrap_or(false)
     }
 
     /// The verified .debs of `pkgs` (each must be in `idx`): a cached .deb is
@@ -154,6 +192,7 @@ impl Apt {
             match verify_deb(&path, entry) {
                 Ok(()) => {}
                 Err(Damage::Missing) => missing.push(format!("{n}={v}")),
+                Err(Damage::Unreadable(e)) => bail!("Failed to read {}: {e}", path.display()),
                 Err(d) => {
                     eprintln!("apt: cached {} is damaged ({d}); fetching it again", path.display());
                     std::fs::remove_file(&path).with_context(|| format!("Failed to remove {}", path.display()))?;
@@ -180,8 +219,14 @@ impl Apt {
     /// versions, as apt would install them on an empty system.
     pub fn resolve(&self, names: &[String]) -> Result<Vec<(String, String)>> {
         self.update(true)?;
+        self.simulate(names)
+    }
+
+    /// What `apt-get install -s` of `args` (names, or `name=version`) would
+    /// install on an empty system, from the current lists.
+    pub fn simulate(&self, args: &[String]) -> Result<Vec<(String, String)>> {
         let mut c = self.cmd("apt-get");
-        c.args(["install", "-s", "-q", "--no-install-recommends"]).args(names);
+        c.args(["install", "-s", "-q", "--no-install-recommends"]).args(args);
         let out = util::output(c).context("Failed to resolve the rootfs package list")?;
         let mut pkgs = parse_simulated_install(&out);
         pkgs.sort();
@@ -190,7 +235,7 @@ impl Apt {
 }
 
 /// One .deb as the archive index describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// Exact version.
     pub version: String,
@@ -210,6 +255,14 @@ impl Index {
     /// The entry for `name=version`, if the archive serves it.
     pub fn get(&self, name: &str, version: &str) -> Option<&Entry> {
         self.0.get(name)?.iter().find(|e| e.version == version)
+    }
+
+    /// Add an entry (as remembered from an earlier resolution).
+    pub fn insert(&mut self, name: String, e: Entry) {
+        let list = self.0.entry(name).or_default();
+        if !list.iter().any(|x| x.version == e.version) {
+            list.push(e);
+        }
     }
 
     /// Every version served of `name`.
@@ -263,6 +316,8 @@ pub enum Damage {
     Size(u64, u64),
     /// Hash differs from the index.
     Hash,
+    /// Could not be read (not evidence of damage: never deleted for it).
+    Unreadable(String),
 }
 
 impl std::fmt::Display for Damage {
@@ -271,6 +326,7 @@ impl std::fmt::Display for Damage {
             Damage::Missing => f.write_str("missing"),
             Damage::Size(got, want) => write!(f, "{got} bytes, the archive index says {want}"),
             Damage::Hash => f.write_str("SHA-256 differs from the archive index"),
+            Damage::Unreadable(e) => write!(f, "unreadable: {e}"),
         }
     }
 }
@@ -281,14 +337,14 @@ pub fn verify_deb(path: &Path, e: &Entry) -> std::result::Result<(), Damage> {
     if meta.len() != e.size {
         return Err(Damage::Size(meta.len(), e.size));
     }
-    let mut f = std::fs::File::open(path).map_err(|_| Damage::Missing)?;
+    let mut f = std::fs::File::open(path).map_err(|e| Damage::Unreadable(e.to_string()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         match f.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => h.update(&buf[..n]),
-            Err(_) => return Err(Damage::Hash),
+            Err(e) => return Err(Damage::Unreadable(e.to_string())),
         }
     }
     let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();

@@ -20,7 +20,7 @@ use pinlab_scenarios::plan::Plan;
 use pinlab_scenarios::{Flavor, Fs};
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// What to measure.
 #[derive(Clone, Debug, Default)]
@@ -147,12 +147,10 @@ pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
         anyhow::ensure!(r >= 1, "--reps must be at least 1");
         plan_b.reps = r;
     }
-    let k = &lab.kernels[0];
     let rootfs = &lab.rootfs;
 
-    let id = util::utc_stamp(SystemTime::now());
-    let dir = util::target_dir().join("bench").join(&id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
+    let k = lab.kernels.first().context("the kernel did not build")?;
+    let (id, dir) = crate::run::new_run_dir(&util::target_dir().join("bench"))?;
     let machine = machine(accel);
     eprintln!(
         "bench {id}: {flavor} kernel on {}; {machine}",

@@ -23,9 +23,9 @@ pub const VM_DIR_PREFIX: &str = "pinlab-vm-";
 /// Install the signal handler (once, at start).
 pub fn install() {
     let r = ctrlc::set_handler(|| {
-        let (dirs, pids) = match STATE.lock() {
-            Ok(mut s) => (std::mem::take(&mut s.dirs), std::mem::take(&mut s.pids)),
-            Err(_) => (Vec::new(), Vec::new()),
+        let (dirs, pids) = {
+            let mut s = STATE.lock().unwrap_or_else(|e| e.into_inner());
+            (std::mem::take(&mut s.dirs), std::mem::take(&mut s.pids))
         };
         for pid in &pids {
             // SAFETY: kill(2) on a pid we spawned; at worst the pid is gone (ESRCH).
@@ -107,12 +107,16 @@ pub fn owner_pid(name: &str) -> Option<u32> {
 }
 
 /// Remove what dead pinlab processes left in `dir`: `pinlab-vm-<pid>-*`
-/// boot directories and `*.tmp-<pid>-*` staging entries. Returns how many.
-pub fn sweep(dir: &Path) -> usize {
+/// boot directories, and (`staging`: only in pinlab's own cache
+/// directories) `*.tmp-<pid>-*` staging entries. Returns how many.
+pub fn sweep(dir: &Path, staging: bool) -> usize {
     let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
     let mut n = 0;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        if !staging && !name.starts_with(VM_DIR_PREFIX) {
+            continue;
+        }
         let Some(pid) = owner_pid(&name) else { continue };
         if pid == std::process::id() || pid_alive(pid) {
             continue;
@@ -128,9 +132,9 @@ pub fn sweep(dir: &Path) -> usize {
 
 /// Sweep TMPDIR and the cache's build areas at start.
 pub fn sweep_all(cache: &crate::util::Cache) {
-    let mut n = sweep(&std::env::temp_dir());
-    for d in ["kernels", "rootfs", "rootfs-demos", "src", "trees", "tools", "debs"] {
-        n += sweep(&cache.root.join(d));
+    let mut n = sweep(&std::env::temp_dir(), false);
+    for d in ["kernels", "rootfs", "rootfs-demos", "src", "trees", "tools", "debs", "apt/resolved"] {
+        n += sweep(&cache.root.join(d), true);
     }
     if n > 0 {
         eprintln!("pinlab: removed {n} leftover(s) of earlier runs that were killed");
@@ -159,7 +163,12 @@ mod tests {
         for p in [&dead, &mine, &staging] {
             std::fs::create_dir(p).unwrap();
         }
-        assert_eq!(sweep(d.path()), 2);
+        let other = d.path().join("notes.tmp-4194305-0");
+        std::fs::create_dir(&other).unwrap();
+        assert_eq!(sweep(d.path(), false), 1);
+        assert!(other.exists(), "outside pinlab's cache only pinlab-vm-* is swept");
+        std::fs::remove_dir(&other).unwrap();
+        assert_eq!(sweep(d.path(), true), 1);
         assert!(!dead.exists() && !staging.exists() && mine.exists());
     }
 

@@ -211,9 +211,9 @@ pub fn junit(specs: &[Scenario], r: &RunResults) -> String {
         if let Some(why) = &c.not_run {
             return Some(format!("not run: {why}"));
         }
-        r.boots.iter().find(|b| b.flavor == c.flavor && b.fs == c.fs).and_then(|b| {
-            b.failure.clone().or_else(|| (!b.splats.is_empty()).then(|| format!("kernel splat: {}", b.splats[0])))
-        })
+        // Only the infrastructure's failures: a splat, a failed selftest or
+        // fsck is the kernel's answer, reported as a <failure>.
+        r.boots.iter().find(|b| b.flavor == c.flavor && b.fs == c.fs && b.infra).and_then(|b| b.failure.clone())
     };
     let errors = r.results.iter().filter(|c| !c.pass && boot_failure(c).is_some()).count();
     let failures = r.results.iter().filter(|c| !c.pass).count() - errors;

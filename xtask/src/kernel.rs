@@ -60,7 +60,7 @@ fn build_selftests(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, 
         return Ok(());
     }
     util::run_logged(make(cache, srctree, build_dir, &["headers"]), log, |_| {}).context("Failed to make headers")?;
-    std::fs::create_dir_all(out)?;
+    std::fs::create_dir_all(out).with_context(|| format!("Failed to create {}", out.display()))?;
     for src in sources {
         let name = src.file_stem().unwrap_or_default().to_string_lossy().into_owned();
         let mut cc = Command::new("gcc");
@@ -222,7 +222,7 @@ pub fn debian_source(cache: &Cache, sources: &Sources) -> Result<PathBuf> {
     if tree.join(".pinlab-complete").exists() {
         return Ok(tree);
     }
-    let _lock = util::FileLock::exclusive(&tree.with_extension("lock"))?;
+    let _lock = util::FileLock::exclusive(&src.join(format!("linux-{version}.lock")))?;
     if tree.join(".pinlab-complete").exists() {
         return Ok(tree);
     }
@@ -268,10 +268,34 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
     let version = &sources.kernel_version;
     let tree = cache.dir("trees")?.join(name);
     let stamp = tree.join(".git/pinlab-base");
-    match std::fs::read_to_string(&stamp) {
+    let old = match std::fs::read_to_string(&stamp) {
         Ok(v) if v.trim() == version => return Ok(tree),
-        Ok(v) => eprintln!("trees/{name}: its base is {}, the source is now {version}; making it again", v.trim()),
-        Err(_) => {}
+        Ok(v) => Some(v.trim().to_string()),
+        Err(_) => None,
+    };
+    if let Some(old) = &old {
+        // Never throw away someone's work: an edit tree with commits or
+        // changes of its own is moved aside, not replaced.
+        let own = util::output(git(&tree, &["rev-list", "--count", "pinlab-base..HEAD"])).unwrap_or_default();
+        let dirty = util::output(git(&tree, &["status", "--porcelain", "--untracked-files=no"])).unwrap_or_default();
+        if name == "edit" && (own.trim() != "0" || !dirty.trim().is_empty()) {
+            let aside = tree.with_file_name(format!("edit-{old}"));
+            std::fs::rename(&tree, &aside)
+                .with_context(|| format!("Failed to move {} to {}", tree.display(), aside.display()))?;
+            eprintln!(
+                "trees/edit: its base is {old}, the source is now {version}; your edit tree (with its commits) is kept \
+                 at {}",
+                aside.display()
+            );
+        } else {
+            eprintln!("trees/{name}: its base is {old}, the source is now {version}; making it again");
+        }
+        // Its objects were compiled from the old source under the same paths:
+        // make would keep every one whose source file looks older.
+        let build = cache.root.join("build").join(name);
+        if build.exists() {
+            std::fs::remove_dir_all(&build).with_context(|| format!("Failed to remove {}", build.display()))?;
+        }
     }
     let pristine = debian_source(cache, sources)?;
     let pb = ui::spinner(format!("trees/{name}: copying the pristine source and committing it as the base"));
@@ -291,6 +315,17 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
     util::output(git(&staging, &["add", "-A"]))?;
     util::output(git(&staging, &["commit", "-q", "-m", &format!("Debian {SOURCE_PACKAGE} {version}")]))?;
     util::output(git(&staging, &["tag", "-f", "pinlab-base"]))?;
+    // The old base's blobs let `git am -3` merge patches written against it.
+    let old_tree = [tree.clone(), tree.with_file_name(format!("{name}-{}", old.as_deref().unwrap_or("")))]
+        .into_iter()
+        .find(|t| t.join(".git").exists());
+    if let (Some(o), Some(t)) = (&old, old_tree) {
+        let mut f = git(&staging, &["fetch", "-q", "--no-tags"]);
+        f.arg(&t).arg(format!("pinlab-base:refs/pinlab/base-{o}"));
+        if let Err(e) = util::output(f) {
+            eprintln!("trees/{name}: could not keep the {o} base for 3-way merges: {e:#}");
+        }
+    }
     let st = staging.join(".git/pinlab-base");
     std::fs::write(&st, version).with_context(|| format!("Failed to write {}", st.display()))?;
     util::publish_dir(&staging, &tree)?;
@@ -375,7 +410,7 @@ pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)], sources: &Sourc
     for (name, _) in &series[start..] {
         apply_patch(&tree, name)?;
     }
-    std::fs::write(&stamp, keys.join("\n"))?;
+    util::write_atomic(&stamp, keys.join("\n").as_bytes())?;
     Ok(tree)
 }
 
@@ -409,7 +444,8 @@ pub fn configure(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, la
     util::run_logged(make(cache, srctree, build_dir, &["olddefconfig"]), log, |_| {})
         .context("Failed to make olddefconfig")?;
     pb.finish_and_clear();
-    let config = std::fs::read_to_string(build_dir.join(".config"))?;
+    let config = std::fs::read_to_string(build_dir.join(".config"))
+        .with_context(|| format!("Failed to read {}", build_dir.join(".config").display()))?;
     let dropped = dropped_options(&wants, &config);
     if !dropped.is_empty() {
         let lines: Vec<_> = dropped
@@ -477,7 +513,7 @@ pub fn compile(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, labe
     .with_context(|| format!("{label}: build failed; the full log is {}", log.display()))?;
     pb.finish_and_clear();
     if n > expected / 2 {
-        std::fs::write(&count_file, n.to_string())?;
+        util::write_atomic(&count_file, n.to_string().as_bytes())?;
     }
     Ok(n)
 }

@@ -16,6 +16,7 @@ use crate::vm::Accel;
 use anyhow::{Context, Result};
 use pinlab_scenarios::Flavor;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -36,8 +37,11 @@ pub struct LabOpts {
 
 /// A prepared lab.
 pub struct Lab {
-    /// One kernel per requested flavor, in order.
+    /// One kernel per requested flavor that built, in order.
     pub kernels: Vec<Kernel>,
+    /// The flavors whose kernel could not be built, and why: their boots
+    /// are reported as not run, the others still run.
+    pub failed: Vec<(Flavor, String)>,
     /// The rootfs (packages + overlay + demos).
     pub rootfs: PathBuf,
     /// The virtiofsd binary.
@@ -97,38 +101,76 @@ pub fn prepare(cache: &Cache, opts: &LabOpts) -> Result<Lab> {
     timings.time("host packages", || {
         host::ensure(&[Need::Kernel, Need::Demos, Need::Image, Need::Boot, Need::Virtiofsd], opts.no_install)
     })?;
-    let sources = timings.time("resolve sources (Debian archive index)", || sources::resolve(cache, opts.locked))?;
+    let mut sources =
+        timings.time("resolve sources (Debian archive index)", || sources::resolve(cache, opts.locked))?;
     let source = match &opts.kernel_tree {
         Some(p) => Source::Tree(p.clone()),
         None => Source::Debian,
     };
-    // Every download first.
-    timings.time("downloads (kernel source, rootfs packages)", || prefetch(cache, &sources, &flavors, &source))?;
-
-    let (kernels, side) = std::thread::scope(|sc| {
-        let side = sc.spawn(|| -> Result<(PathBuf, PathBuf, Accel)> {
-            let virtiofsd = timings.time("virtiofsd", || host::ensure_virtiofsd(cache, opts.no_install))?;
-            let rootfs = timings.time("rootfs + demos", || crate::image::build(cache, &sources))?;
-            let accel = timings.time("KVM probe", || Ok(crate::vm::choose_accel(opts.accel)))?;
-            Ok((virtiofsd, rootfs, accel))
-        });
-        let mut kernels = Vec::new();
-        let mut err = None;
-        for &f in &flavors {
-            match timings.time(format!("kernel {f}"), || kernel::build(cache, f, &source, &sources)) {
-                Ok(k) => kernels.push(k),
-                Err(e) => {
-                    err = Some(e);
-                    break;
-                }
+    // Every download first: a bad one fails in seconds, not after the kernels.
+    timings.time("downloads (kernel source, rootfs packages, crates)", || {
+        match prefetch(cache, &sources, &flavors, &source) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The lists may be a day old and name a version the mirror
+                // has since dropped: refresh, resolve again, retry once.
+                eprintln!("downloads: {e:#}\ndownloads: refreshing the archive lists and resolving again");
+                crate::apt::Apt::new(cache)?.update(true)?;
+                sources = sources::resolve(cache, opts.locked)?;
+                prefetch(cache, &sources, &flavors, &source)
             }
         }
+    })?;
+    // Before the builds load both cores: the probe has a 2 s deadline.
+    let accel = timings.time("KVM probe", || Ok(crate::vm::choose_accel(opts.accel)))?;
+
+    let side_failed = AtomicBool::new(false);
+    let (built, side) = std::thread::scope(|sc| {
+        let side = sc.spawn(|| -> Result<(PathBuf, PathBuf)> {
+            let r = (|| {
+                let virtiofsd = timings.time("virtiofsd", || host::ensure_virtiofsd(cache, opts.no_install))?;
+                let rootfs = timings.time("rootfs + demos", || crate::image::build(cache, &sources))?;
+                Ok((virtiofsd, rootfs))
+            })();
+            if let Err(e) = &r {
+                // Say it now, not after the kernels: nothing can boot without these.
+                eprintln!("error: {e:#}\n(the kernel build in progress finishes; no further flavor starts)");
+                side_failed.store(true, Ordering::SeqCst);
+            }
+            r
+        });
+        let mut built = Vec::new();
+        for &f in &flavors {
+            if side_failed.load(Ordering::SeqCst) {
+                break;
+            }
+            built.push((f, timings.time(format!("kernel {f}"), || kernel::build(cache, f, &source, &sources))));
+        }
         let side = side.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the rootfs/virtiofsd thread panicked")));
-        (err.map_or(Ok(kernels), Err), side)
+        (built, side)
     });
-    let kernels = kernels?;
-    let (virtiofsd, rootfs, accel) = side?;
-    Ok(Lab { kernels, rootfs, virtiofsd, accel, provenance: sources.provenance(), timings })
+    let (virtiofsd, rootfs) = side?;
+    let mut kernels = Vec::new();
+    let mut failed = Vec::new();
+    for (f, r) in built {
+        match r {
+            Ok(k) => kernels.push(k),
+            Err(e) => {
+                eprintln!("kernel {f}: FAILED: {e:#}");
+                failed.push((f, format!("the {f} kernel did not build: {e:#}")));
+            }
+        }
+    }
+    if kernels.is_empty() {
+        let why: Vec<&str> = failed.iter().map(|(_, w)| w.as_str()).collect();
+        anyhow::bail!("no kernel could be built:\n{}", why.join("\n"));
+    }
+    let mut provenance = sources.provenance();
+    if let Some(t) = &opts.kernel_tree {
+        provenance.kernel_source = format!("your tree {}", t.display());
+        provenance.kernel_source_pinned = String::new();
+    }
+    Ok(Lab { kernels, failed, rootfs, virtiofsd, accel, provenance, timings })
 }
 
 /// Fetch what the builds will need and do not have yet: the kernel source
@@ -147,7 +189,12 @@ fn prefetch(cache: &Cache, sources: &Sources, flavors: &[Flavor], source: &Sourc
             eprintln!("kernel source: {} fetched and verified in {}", deb.display(), util::since(t));
         }
     }
-    crate::image::prefetch(cache, sources)
+    crate::image::prefetch(cache, sources)?;
+    // The demos' crates (virtiofsd's are fetched by its own `cargo install`).
+    let mut c = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(util::project_root()).args(["fetch", "--locked", "--quiet"]);
+    util::output(c).context("Failed to fetch the workspace's crates (is crates.io reachable?)")?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -169,9 +169,13 @@ pub fn cmdline(extra: &str) -> String {
          root=rootfs rootfstype=virtiofs ro \
          init=/usr/local/bin/pinlab-init \
          panic=-1 oops=panic \
+         sysctl.kernel.hung_task_timeout_secs=20 \
          loglevel=7",
     );
     // oops=panic: an oops ends the run at once instead of leaving a wedged guest.
+    // hung_task_timeout_secs=20: a task stuck in D state is reported by the
+    // guest kernel itself (with its stack) well before the runner's 60 s step
+    // deadline and the host's watchdog.
     if !extra.is_empty() {
         s.push(' ');
         s.push_str(extra);

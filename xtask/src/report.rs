@@ -62,7 +62,9 @@ pub struct RunResults {
 
 /// One line on what the kernels and the rootfs were made from.
 pub fn provenance_line(p: &crate::sources::Provenance) -> String {
-    let kernel = if p.kernel_source == p.kernel_source_pinned || p.kernel_source_pinned.is_empty() {
+    let kernel = if p.kernel_source_pinned.is_empty() {
+        format!("Kernel source: {}", p.kernel_source)
+    } else if p.kernel_source == p.kernel_source_pinned {
         format!("Kernel source: Debian linux-source-6.12 {}", p.kernel_source)
     } else {
         format!(

@@ -168,7 +168,7 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
                     };
                     sc.spawn(move || {
                         let r = run_boot(&ctx, k, *fs);
-                        r.unwrap_or_else(|e| not_run(&ctx, k, *fs, &format!("{e:#}")))
+                        r.unwrap_or_else(|e| not_run(ctx.specs, k.flavor, &k.key, *fs, &format!("{e:#}")))
                     })
                 })
                 .collect();
@@ -176,25 +176,20 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
                 .into_iter()
                 .zip(batch)
                 .map(|(h, (k, fs))| {
-                    h.join().unwrap_or_else(|_| {
-                        let ctx = BootCtx {
-                            specs: &specs,
-                            rootfs: &lab.rootfs,
-                            virtiofsd: &lab.virtiofsd,
-                            selftests: &selftests,
-                            run_dir: &run_dir,
-                            accel,
-                            explain: false,
-                            mp: &mp,
-                        };
-                        not_run(&ctx, k, *fs, "the boot thread panicked")
-                    })
+                    h.join().unwrap_or_else(|_| not_run(&specs, k.flavor, &k.key, *fs, "the boot thread panicked"))
                 })
                 .collect()
         });
         outcomes.extend(results);
     }
     lab.timings.add(format!("boots ({} of them)", jobs.len()), t_boots.elapsed());
+    for (f, why) in &lab.failed {
+        for &fs in &fss {
+            if specs.iter().any(|s| s.runs_on(fs)) {
+                outcomes.push(not_run(&specs, *f, "", fs, why));
+            }
+        }
+    }
     let mut cells: Vec<CellResult> = Vec::new();
     let mut boots = Vec::new();
     for (c, b) in outcomes {
@@ -244,8 +239,8 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
 /// `cargo xtask shell`.
 pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>, locked: bool) -> Result<()> {
     let lab = lab::prepare(cache, &LabOpts { flavors: vec![flavor], accel, locked, ..Default::default() })?;
-    let k = &lab.kernels[0];
-    let dir = util::target_dir().join("shell").join(format!("{flavor}-{fs}"));
+    let k = lab.kernels.first().context("the kernel did not build")?;
+    let dir = util::target_dir().join("shell").join(format!("{flavor}-{fs}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
     let selftests = k.selftests.iter().map(|p| p.display().to_string()).collect();
     let plan = Plan { flavor, fs, scenarios: Vec::new(), selftests, bench: None };
@@ -253,23 +248,22 @@ pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>, locked
 }
 
 /// The cells and record of a boot that could not run at all.
-fn not_run(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs, why: &str) -> (Vec<CellResult>, BootRecord) {
-    eprintln!("boot {}/{fs}: NOT RUN: {why}", k.flavor);
-    let cells = ctx
-        .specs
+fn not_run(specs: &[Scenario], flavor: Flavor, key: &str, fs: Fs, why: &str) -> (Vec<CellResult>, BootRecord) {
+    eprintln!("boot {flavor}/{fs}: NOT RUN: {why}");
+    let cells = specs
         .iter()
         .filter(|s| s.runs_on(fs))
         .map(|s| {
-            let mut c = results::check(s, k.flavor, fs, None);
+            let mut c = results::check(s, flavor, fs, None);
             c.not_run = Some(why.lines().next().unwrap_or(why).to_string());
             c
         })
         .collect();
     let boot = BootRecord {
-        flavor: k.flavor,
+        flavor,
         fs,
         kernel: String::new(),
-        kernel_key: k.key.clone(),
+        kernel_key: key.to_string(),
         wall_s: 0.0,
         to_runner_s: None,
         console: String::new(),

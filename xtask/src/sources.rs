@@ -63,6 +63,21 @@ pub struct Sources {
     index: Index,
 }
 
+/// A resolution as remembered under `apt/resolved/<key>.json`: the key
+/// covers the lock, packages.txt, the kernel pin and the lists' InRelease
+/// files, so a warm run neither parses the 56 MB index nor asks apt again
+/// until an update brings new lists.
+#[derive(Serialize, Deserialize)]
+struct Resolution {
+    kernel_version: String,
+    packages: Vec<(String, String)>,
+    drift: Vec<Drift>,
+    /// Locked pins the archive no longer serves.
+    missing: Vec<(String, String)>,
+    /// Index entries of `packages` and the kernel, for verifying downloads.
+    entries: Vec<(String, apt::Entry)>,
+}
+
 /// Compare a lock with a resolved set: one [`Drift`] per difference.
 pub fn diff(lock: &[(String, String)], used: &[(String, String)]) -> Vec<Drift> {
     let l: std::collections::BTreeMap<_, _> = lock.iter().cloned().collect();
@@ -77,74 +92,136 @@ pub fn diff(lock: &[(String, String)], used: &[(String, String)]) -> Vec<Drift> 
         .collect()
 }
 
-/// Resolve the kernel source and the rootfs packages of `lock` (the text of
-/// image/packages.lock); `locked` turns drift into an error.
-pub fn resolve_with(cache: &Cache, lock_text: &str, pinned_kernel: &str, locked: bool) -> Result<Sources> {
-    let t = Instant::now();
-    let apt = Apt::new(cache)?;
-    let lock = crate::image::parse_lock(lock_text)?;
-    let (index, missing) = apt.index_for(&lock, &[kernel::SOURCE_PACKAGE.to_string()])?;
-
-    // The kernel: the pin, else the newest the suites serve.
+/// Resolve against the current lists (no network), without judging drift.
+fn resolve_fresh(apt: &Apt, lock: &[(String, String)], pinned_kernel: &str) -> Result<Resolution> {
+    let (index, missing) = apt.index_for(lock, &[kernel::SOURCE_PACKAGE.to_string()])?;
     let served = index.versions(kernel::SOURCE_PACKAGE);
     let kernel_version = if served.contains(&pinned_kernel) {
         pinned_kernel.to_string()
-    } else if locked {
-        bail!(
-            "--locked: Debian no longer serves {}={pinned_kernel} (it serves {}); drop --locked to build the newest, \
-             or update SOURCE_VERSION in xtask/src/kernel.rs",
-            kernel::SOURCE_PACKAGE,
-            served.join(", ")
-        );
     } else {
-        let v = apt::newest(&served)?.with_context(|| {
+        apt::newest(&served)?.with_context(|| {
             format!("Debian serves no {} at all (check the private apt lists)", kernel::SOURCE_PACKAGE)
-        })?;
-        eprintln!(
-            "kernel source: {}={pinned_kernel} is no longer served; using {v}, the newest in trixie, trixie-updates \
-             and trixie-security (the series is applied with a 3-way git am)",
-            kernel::SOURCE_PACKAGE
-        );
-        v
+        })?
     };
-
-    // The rootfs: the lock, else a fresh resolution of packages.txt.
-    let (packages, drift, index) = if missing.is_empty() {
-        (lock, Vec::new(), index)
-    } else if locked {
-        let list: Vec<String> = missing.iter().map(|(n, v)| format!("{n}={v}")).collect();
-        bail!(
-            "--locked: Debian no longer serves {} locked package version(s): {}\n\
-             Drop --locked to use the current versions, or refresh the lock with `cargo xtask image --update-lock`.",
-            list.len(),
-            list.join(", ")
-        );
+    let (packages, index) = if missing.is_empty() {
+        (lock.to_vec(), index)
     } else {
-        let fresh = apt.resolve(&crate::image::wanted_packages()?)?;
-        let drift = diff(&lock, &fresh);
-        eprintln!(
-            "image: {} of {} locked versions are no longer served; resolved the current ones from the same suites:",
-            missing.len(),
-            lock.len()
-        );
-        for d in &drift {
-            eprintln!("  {d}");
-        }
-        eprintln!("  (image/packages.lock is unchanged; `cargo xtask image --update-lock` records the new set)");
-        let (index, still) = apt.index_for(&fresh, &[kernel::SOURCE_PACKAGE.to_string()])?;
+        // Change as little as possible: keep every pin that is still served,
+        // let apt pick the current version of the others (and any new
+        // dependency); only if that set does not hold together, resolve
+        // packages.txt afresh.
+        let args: Vec<String> = lock
+            .iter()
+            .map(|(n, v)| if missing.iter().any(|(m, _)| m == n) { n.clone() } else { format!("{n}={v}") })
+            .collect();
+        let used = match apt.simulate(&args) {
+            Ok(mut set) => {
+                set.sort();
+                set
+            }
+            Err(e) => {
+                eprintln!(
+                    "image: keeping the other pins does not resolve ({}); resolving image/packages.txt afresh",
+                    format!("{e:#}").lines().find(|l| l.contains("E:")).unwrap_or("apt refused")
+                );
+                let mut set = apt.simulate(&crate::image::wanted_packages()?)?;
+                set.sort();
+                set
+            }
+        };
+        let (index, still) = apt.index_for(&used, &[kernel::SOURCE_PACKAGE.to_string()])?;
         if !still.is_empty() {
             bail!("apt resolved versions the archive index does not list: {still:?}");
         }
-        (fresh, drift, index)
+        (used, index)
     };
+    let mut entries = Vec::new();
+    for (n, v) in packages.iter().chain(std::iter::once(&(kernel::SOURCE_PACKAGE.to_string(), kernel_version.clone())))
+    {
+        let e = index.get(n, v).with_context(|| format!("{n}={v} is not in the archive index"))?;
+        entries.push((n.clone(), e.clone()));
+    }
+    let drift = diff(lock, &packages);
+    Ok(Resolution { kernel_version, packages, drift, missing, entries })
+}
+
+/// Resolve the kernel source and the rootfs packages of `lock_text` (the
+/// text of image/packages.lock); `locked` turns drift into an error.
+pub fn resolve_with(cache: &Cache, lock_text: &str, pinned_kernel: &str, locked: bool) -> Result<Sources> {
+    let t = Instant::now();
+    let apt = Apt::new(cache)?;
+    apt.update(false)?;
+    let lock = crate::image::parse_lock(lock_text)?;
+    let wanted = std::fs::read_to_string(util::project_root().join("image/packages.txt")).unwrap_or_default();
+    let key = util::KeyHasher::default()
+        .part("recipe", b"pinlab-resolution-1")
+        .part("lock", lock_text.as_bytes())
+        .part("wanted", wanted.as_bytes())
+        .part("kernel", pinned_kernel.as_bytes())
+        .part("lists", apt.lists_id()?.as_bytes())
+        .finish();
+    let path = apt.resolved_dir().join(format!("{key}.json"));
+    let remembered = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Resolution>(&b).ok());
+    let r = match remembered {
+        Some(r) => r,
+        None => {
+            let r = resolve_fresh(&apt, &lock, pinned_kernel)?;
+            std::fs::create_dir_all(apt.resolved_dir())
+                .with_context(|| format!("Failed to create {}", apt.resolved_dir().display()))?;
+            util::write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
+            r
+        }
+    };
+    if r.kernel_version != pinned_kernel {
+        if locked {
+            bail!(
+                "--locked: Debian no longer serves {}={pinned_kernel} (the newest it serves is {}); drop --locked \
+                 to build that, or update SOURCE_VERSION in xtask/src/kernel.rs",
+                kernel::SOURCE_PACKAGE,
+                r.kernel_version
+            );
+        }
+        eprintln!(
+            "kernel source: {}={pinned_kernel} is no longer served; using {}, the newest in trixie, trixie-updates \
+             and trixie-security (the series is applied with a 3-way git am)",
+            kernel::SOURCE_PACKAGE,
+            r.kernel_version
+        );
+    }
+    if !r.missing.is_empty() {
+        let list: Vec<String> = r.missing.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        if locked {
+            bail!(
+                "--locked: Debian no longer serves {} locked package version(s): {}\n\
+                 Drop --locked to use the current versions, or refresh the lock with `cargo xtask image --update-lock`.",
+                list.len(),
+                list.join(", ")
+            );
+        }
+        eprintln!(
+            "image: {} of {} locked versions are no longer served ({}); using the current ones from the same suites:",
+            r.missing.len(),
+            lock.len(),
+            list.join(", ")
+        );
+        for d in &r.drift {
+            eprintln!("  {d}");
+        }
+        eprintln!("  (image/packages.lock is unchanged; `cargo xtask image --update-lock` records the new set)");
+    }
     eprintln!(
-        "sources: kernel {}={kernel_version}, rootfs {} packages{} (resolved in {})",
+        "sources: kernel {}={}, rootfs {} packages{} (resolved in {})",
         kernel::SOURCE_PACKAGE,
-        packages.len(),
-        if drift.is_empty() { String::new() } else { format!(", {} drifted", drift.len()) },
+        r.kernel_version,
+        r.packages.len(),
+        if r.drift.is_empty() { String::new() } else { format!(", {} drifted from the lock", r.drift.len()) },
         util::since(t)
     );
-    Ok(Sources { kernel_version, packages, drift, index })
+    let mut index = Index::default();
+    for (n, e) in r.entries {
+        index.insert(n, e);
+    }
+    Ok(Sources { kernel_version: r.kernel_version, packages: r.packages, drift: r.drift, index })
 }
 
 /// [`resolve_with`] the shipped lock and kernel pin.

@@ -45,6 +45,7 @@ pub fn run(cache: &Cache, unit_only: bool, accel: Option<Accel>, locked: bool) -
 /// served must resolve to the current one (and say so), and the rootfs it
 /// resolves to must build and carry every tool the guest needs.
 fn check_drift_path(cache: &Cache) -> Result<bool> {
+    crate::host::ensure(&[crate::host::Need::Image], false)?;
     let lock = crate::image::read_lock()?;
     let bogus = "0.0-pinlab-never-served";
     let mut changed = 0;
@@ -110,7 +111,10 @@ fn check_report_in_browser(run_dir: &std::path::Path) -> Result<bool> {
     base(&mut dump);
     dump.arg(format!("--user-data-dir={}", profile.path().display())).arg("--dump-dom").arg(&url);
     let dom = util::output(dump).context("Failed to render report.html")?;
-    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run_dir.join("results.json"))?)?;
+    let rpath = run_dir.join("results.json");
+    let rtext = std::fs::read_to_string(&rpath).with_context(|| format!("Failed to read {}", rpath.display()))?;
+    let results: serde_json::Value =
+        serde_json::from_str(&rtext).with_context(|| format!("Failed to parse {}", rpath.display()))?;
     let problems = dom_problems(&dom, &results);
     for p in &problems {
         eprintln!("report.html: {p}");

@@ -198,7 +198,7 @@ struct Scene<'a> {
     remounted: bool,
 }
 
-const STEP_DEADLINE: Duration = Duration::from_secs(60);
+const STEP_DEADLINE: Duration = Duration::from_secs(pinlab_scenarios::plan::STEP_DEADLINE_S);
 
 impl<'a> Scene<'a> {
     fn new(lab: &'a Lab, id: &str) -> Result<Scene<'a>, StepError> {

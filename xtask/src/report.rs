@@ -112,6 +112,7 @@ pub fn table(specs: &[Scenario], r: &RunResults) -> String {
                     match r.results.iter().find(|c| c.scenario == spec.id && c.flavor == fl && c.fs == fs) {
                         None => "·".to_string(),
                         Some(c) if c.pass => format!("✓ {}", c.verdict()),
+                        Some(c) if c.not_run.is_some() => "✗ not run".to_string(),
                         Some(c) => format!("✗ {} (want {})", c.verdict(), c.expected_verdict()),
                     }
                 };

@@ -455,13 +455,17 @@ pub fn boot(spec: BootSpec<'_>) -> Result<BootOutcome> {
     let qerr = std::fs::read_to_string(&qemu_log).unwrap_or_default();
     if failure.is_none() && (!status.success() || qerr.contains("terminating on signal")) {
         // QEMU exits 0 after SIGINT/SIGTERM ("terminating on signal 2").
-        failure = Some(match status.signal() {
-            Some(sig) => format!("QEMU was killed by signal {sig} (interrupted?): {}", qerr.trim()),
-            None if qerr.contains("terminating on signal") => {
-                format!("QEMU was stopped by a signal (interrupted?): {}", qerr.trim())
-            }
-            None => format!("QEMU exited with {status}: {}", qerr.trim()),
-        });
+        let what = match status.signal() {
+            Some(sig) => format!("QEMU was killed by signal {sig} (interrupted?)"),
+            None if qerr.contains("terminating on signal") => "QEMU was stopped by a signal (interrupted?)".into(),
+            None => format!("QEMU exited with {status}"),
+        };
+        failure = Some(format!(
+            "{what} while the guest was in {}. QEMU said: {}; console: {}",
+            progress.describe(spec.plan),
+            if qerr.trim().is_empty() { "nothing" } else { qerr.trim() },
+            console_path.display()
+        ));
         infra = true;
     }
     if failure.is_none() && !done {

@@ -25,7 +25,7 @@ pub const SOURCE_VERSION: &str = "6.12.117-1";
 /// Bump when the recipe below changes in a way that must rebuild kernels.
 const RECIPE: &str = "pinlab-kernel-recipe-1";
 /// Objects a lean build compiles, for the progress bar until one is measured.
-const DEFAULT_OBJECTS: u64 = 1650;
+const DEFAULT_OBJECTS: u64 = 1400;
 
 /// A built kernel.
 #[derive(Clone, Debug)]

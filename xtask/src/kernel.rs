@@ -599,6 +599,23 @@ pub fn cached(cache: &Cache, flavor: Flavor, sources: &Sources) -> Result<Option
     Ok(Some(Kernel { flavor, bzimage: out_dir.join("bzImage"), key, selftests: selftests_in(&out_dir) }))
 }
 
+/// A `--kernel-tree` may be booted as `patched` only if it carries the
+/// series: pinlab builds a user's tree as it is and never mislabels it.
+pub fn check_tree(flavor: Flavor, tree: &Path, series: &[(String, Vec<u8>)]) -> Result<()> {
+    if flavor == Flavor::Patched && !tree_has_series(tree, series)? {
+        bail!(
+            "--flavor patched --kernel-tree {}: that tree does not carry kernel-patches/ (its last patch, {}, \
+             does not reverse-apply). pinlab builds your tree as it is and will not label it patched. Apply \
+             the series first (`git -C {} am -3 {}/00*.patch`), or boot it as --flavor stock.",
+            tree.display(),
+            series.last().map(|(n, _)| n.as_str()).unwrap_or(""),
+            tree.display(),
+            util::project_root().join("kernel-patches").display()
+        );
+    }
+    Ok(())
+}
+
 /// `tree` carries the whole series if its last patch reverse-applies.
 fn tree_has_series(tree: &Path, series: &[(String, Vec<u8>)]) -> Result<bool> {
     let Some((last, _)) = series.last() else { return Ok(true) };
@@ -630,17 +647,7 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) 
             if !p.join("Makefile").exists() || !p.join("scripts/kconfig/merge_config.sh").exists() {
                 bail!("--kernel-tree {} does not look like a Linux source tree", p.display());
             }
-            if flavor == Flavor::Patched && !tree_has_series(&p, &series)? {
-                bail!(
-                    "--flavor patched --kernel-tree {}: that tree does not carry kernel-patches/ (its last patch, {}, \
-                     does not reverse-apply). pinlab builds your tree as it is and will not label it patched. Apply \
-                     the series first (`git -C {} am -3 {}/00*.patch`), or boot it as --flavor stock.",
-                    p.display(),
-                    series.last().map(|(n, _)| n.as_str()).unwrap_or(""),
-                    p.display(),
-                    util::project_root().join("kernel-patches").display()
-                );
-            }
+            check_tree(flavor, &p, &series)?;
             // A user's tree may change under us: the key covers its path, make does the rest.
             let id = format!(
                 "tree:{}:{}",

@@ -98,6 +98,13 @@ pub fn dedup<T: PartialEq + Clone>(v: &[T]) -> Vec<T> {
 pub fn prepare(cache: &Cache, opts: &LabOpts) -> Result<Lab> {
     let timings = Timings::default();
     let flavors = dedup(&opts.flavors);
+    // Refuse a mislabelled tree before minutes of set-up, not after.
+    if let Some(t) = &opts.kernel_tree {
+        if flavors.contains(&Flavor::Patched) {
+            let t = t.canonicalize().with_context(|| format!("--kernel-tree {} does not exist", t.display()))?;
+            kernel::check_tree(Flavor::Patched, &t, &kernel::read_series()?)?;
+        }
+    }
     timings.time("host packages", || {
         host::ensure(&[Need::Kernel, Need::Demos, Need::Image, Need::Boot, Need::Virtiofsd], opts.no_install)
     })?;

@@ -199,6 +199,7 @@ fn boot_bench(
     // One figure is several registrations of 256 MiB or bandwidth runs under TCG.
     deadlines.stall += Duration::from_secs(20 * u64::from(bp.reps) * if accel == Accel::Tcg { 3 } else { 1 });
     let out = vm::boot(BootSpec {
+        qemu: std::path::Path::new(crate::qemu::PROGRAM),
         kernel: &k.bzimage,
         virtiofsd,
         rootfs,

@@ -6,6 +6,9 @@ use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
+/// The QEMU binary pinlab runs (package qemu-system-x86).
+pub const PROGRAM: &str = "qemu-system-x86_64";
+
 /// Guest RAM. Enough for rxe, two 2 MiB MRs per process and mkfs.
 pub const RAM_MIB: u64 = 1024;
 /// The fsdax NVDIMM (namespace0.0 → /dev/pmem0). 1 GiB label-less: its

@@ -337,6 +337,7 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         }
     };
     let outcome = vm::boot(BootSpec {
+        qemu: std::path::Path::new(crate::qemu::PROGRAM),
         kernel: &k.bzimage,
         virtiofsd: ctx.virtiofsd,
         rootfs: ctx.rootfs,

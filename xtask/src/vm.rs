@@ -100,6 +100,8 @@ impl Deadlines {
 
 /// What to boot.
 pub struct BootSpec<'a> {
+    /// The QEMU program ([`qemu::PROGRAM`]; a script in tests).
+    pub qemu: &'a Path,
     /// Kernel image.
     pub kernel: &'a Path,
     /// The virtiofsd binary.
@@ -280,7 +282,7 @@ pub fn shell(virtiofsd: &Path, kernel: &Path, rootfs: &Path, dir: &Path, plan: &
     m.qspec.interactive = true;
     let console_path = dir.join("console.log");
     m.qspec.console_log = Some(console_path.clone());
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = Command::new(qemu::PROGRAM);
     cmd.args(qemu::args(&m.qspec));
     let shown = util::show(&cmd);
     eprintln!("$ {shown}");
@@ -330,7 +332,7 @@ pub fn boot(spec: BootSpec<'_>) -> Result<BootOutcome> {
     let m = prepare(spec.virtiofsd, spec.kernel, spec.rootfs, spec.dir, spec.plan, spec.accel, "")?;
     let share = m.share.clone();
     let qspec = m.qspec.clone();
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = Command::new(spec.qemu);
     cmd.args(qemu::args(&qspec));
     let shown = util::show(&cmd);
     std::fs::write(spec.dir.join("qemu-cmdline.txt"), format!("{shown}\n"))
@@ -542,6 +544,97 @@ pub fn boot(spec: BootSpec<'_>) -> Result<BootOutcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Boot a fake QEMU (a shell script printing `console` lines) with a
+    /// fake virtiofsd that only creates its socket, and tight deadlines.
+    fn fake_boot(console: &str) -> BootOutcome {
+        let d = tempfile::tempdir().unwrap();
+        let script = |name: &str, body: &str| {
+            let p = d.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            p
+        };
+        // --socket-path SOCK ...: create SOCK, then wait to be killed.
+        let vfs = script("virtiofsd", "touch \"$2\"; exec sleep 30");
+        let qemu = script("qemu", console);
+        let (rootfs, dir) = (d.path().join("rootfs"), d.path().join("boot"));
+        std::fs::create_dir_all(&rootfs).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        let plan = Plan {
+            flavor: pinlab_scenarios::Flavor::Stock,
+            fs: pinlab_scenarios::Fs::Ext4,
+            scenarios: Vec::new(),
+            selftests: Vec::new(),
+            bench: None,
+        };
+        let mut on_line = |_: &str| {};
+        let out = boot(BootSpec {
+            qemu: &qemu,
+            kernel: Path::new("/nonexistent/bzImage"),
+            virtiofsd: &vfs,
+            rootfs: &rootfs,
+            dir: &dir,
+            plan: &plan,
+            accel: Accel::Tcg,
+            deadlines: Deadlines {
+                boot: Duration::from_secs(2),
+                stall: Duration::from_secs(2),
+                grace: Duration::from_secs(1),
+            },
+            on_line: &mut on_line,
+        })
+        .unwrap();
+        // The console log survives for the report.
+        assert!(std::fs::read_to_string(&out.console).is_ok());
+        out
+    }
+
+    #[test]
+    fn a_silent_guest_misses_the_boot_deadline() {
+        let t = Instant::now();
+        let out = fake_boot("echo 'Linux version 6.12'; exec sleep 30");
+        let f = out.failure.unwrap();
+        assert!(f.starts_with("boot deadline"), "{f}");
+        assert!(f.contains("Linux version 6.12") && f.contains("console.log"), "{f}");
+        assert!(out.infra);
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_panic_is_the_kernels_failure_not_the_infrastructures() {
+        let out = fake_boot(
+            "echo PINLAB-RUNNER-START; echo '[    3.1] Kernel panic - not syncing: Attempted to kill init!'; exit 0",
+        );
+        let f = out.failure.unwrap();
+        assert!(f.starts_with("the guest kernel crashed (Kernel panic"), "{f}");
+        assert!(!out.infra);
+        assert_eq!(out.splats[0].kind, "Kernel panic");
+    }
+
+    #[test]
+    fn a_stalled_guest_trips_the_watchdog_even_while_it_keeps_printing() {
+        // A printk storm: lines keep coming, no step ever finishes.
+        let t = Instant::now();
+        let out = fake_boot("echo PINLAB-RUNNER-START; while :; do echo '[ 9.9] rcu: noise'; done");
+        let f = out.failure.unwrap();
+        assert!(f.starts_with("watchdog: no progress for 2.0s"), "{f}");
+        assert!(f.contains("before the first scenario"), "{f}");
+        assert!(out.infra);
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_hung_task_report_ends_the_boot_after_its_grace() {
+        let out = fake_boot(
+            "echo PINLAB-RUNNER-START; echo '[ 30.0] INFO: task truncate:77 blocked for more than 20 seconds.'; \
+             exec sleep 30",
+        );
+        let f = out.failure.unwrap();
+        assert!(f.starts_with("the guest kernel reported a hang (") && f.contains("blocked for more than"), "{f}");
+        assert!(!out.infra);
+    }
 
     #[test]
     fn accel_parse() {

@@ -163,16 +163,20 @@ fn rootfs_key(packages: &[(String, String)], overlay: &[PathBuf]) -> Result<Stri
     Ok(h.finish())
 }
 
+/// Where the base rootfs of `sources` lives in the cache, and the overlay
+/// files that went into its key.
+fn base_entry(cache: &Cache, sources: &Sources) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let mut files = Vec::new();
+    overlay_files(&util::project_root().join("image/overlay"), &mut files)?;
+    files.sort();
+    Ok((cache.dir("rootfs")?.join(rootfs_key(&sources.packages, &files)?), files))
+}
+
 /// The base rootfs (packages + overlay, no demos) of `sources`, built or
 /// reused from the cache. Built under a lock in a staging directory and
 /// renamed into place when complete; a cached one is verified first.
 pub fn base(cache: &Cache, sources: &Sources) -> Result<PathBuf> {
-    let root = util::project_root();
-    let mut files = Vec::new();
-    overlay_files(&root.join("image/overlay"), &mut files)?;
-    files.sort();
-    let key = rootfs_key(&sources.packages, &files)?;
-    let rootfs = cache.dir("rootfs")?.join(&key);
+    let (rootfs, files) = base_entry(cache, sources)?;
     let _lock = util::FileLock::exclusive(&rootfs.with_extension("lock"))?;
     if rootfs.exists() {
         let problems = rootfs_problems(&rootfs);
@@ -190,10 +194,7 @@ pub fn base(cache: &Cache, sources: &Sources) -> Result<PathBuf> {
 /// Download (and verify) the .debs of the base rootfs unless it is cached
 /// already: done before any kernel build, so a bad download fails in seconds.
 pub fn prefetch(cache: &Cache, sources: &Sources) -> Result<()> {
-    let mut files = Vec::new();
-    overlay_files(&util::project_root().join("image/overlay"), &mut files)?;
-    files.sort();
-    let rootfs = cache.root.join("rootfs").join(rootfs_key(&sources.packages, &files)?);
+    let (rootfs, _) = base_entry(cache, sources)?;
     if rootfs.exists() && rootfs_problems(&rootfs).is_empty() {
         return Ok(());
     }

@@ -158,11 +158,33 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
     update.args(["update", "-q"]);
     util::run_shown(update).context("Failed to run apt-get update")?;
     // Install, never remove: apt's plan may remove a package to satisfy a
-    // new one (qemu-system-x86 once took qemu-utils with it, accepted by -y).
-    let mut sim = Command::new("apt-get");
-    sim.args(["install", "-s", "-q", "--no-install-recommends"]).args(&pkgs);
-    let plan = util::output(sim).with_context(|| format!("apt-get cannot plan `{cmd}`"))?;
-    let removed = removals(&plan);
+    // new one (qemu-system-x86 7.2 from bookworm takes qemu-utils 10.0 from
+    // bookworm-backports with it, and -y would accept that).
+    let mut apt_opts: Vec<String> = Vec::new();
+    let mut wanted: Vec<String> = pkgs.iter().map(|p| p.to_string()).collect();
+    let mut removed = removals(&simulate(&apt_opts, &wanted, &cmd)?);
+    if !removed.is_empty() {
+        // A package that would go came from backports (installed by whoever
+        // made this machine, the source since dropped): take its siblings
+        // from the same backports suite, so the versions match again.
+        if let Some(bp) = Backports::for_removals(&removed, &pkgs)? {
+            eprintln!(
+                "pinlab: {} on this host came from {}; taking {} from there too (source enabled for this install only)",
+                bp.installed.join(", "),
+                bp.suite,
+                bp.siblings.join(", ")
+            );
+            apt_opts.clone_from(&bp.apt_opts);
+            let mut update = Command::new("apt-get");
+            update.args(&apt_opts).args(["update", "-q"]);
+            util::run_shown(update).with_context(|| format!("Failed to fetch the index of {}", bp.suite))?;
+            wanted = pkgs
+                .iter()
+                .map(|p| if bp.siblings.iter().any(|s| s == p) { format!("{p}/{}", bp.suite) } else { p.to_string() })
+                .collect();
+            removed = removals(&simulate(&apt_opts, &wanted, &cmd)?);
+        }
+    }
     if !removed.is_empty() {
         bail!(
             "installing the missing host packages would REMOVE {}: {}\npinlab never removes host packages. \
@@ -173,9 +195,10 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
     }
     let mut install = Command::new("apt-get");
     install
+        .args(&apt_opts)
         // --no-remove: if apt's plan changes between the check and now, abort rather than remove.
         .args(["install", "-y", "-q", "--no-remove", "--no-install-recommends"])
-        .args(&pkgs)
+        .args(&wanted)
         .env("DEBIAN_FRONTEND", "noninteractive");
     util::run_shown(install).with_context(|| format!("Failed to install host packages; try `{cmd}` by hand"))?;
     let still: Vec<_> =
@@ -184,6 +207,98 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
         bail!("still missing after apt-get install: {}", still.join(", "));
     }
     Ok(())
+}
+
+/// `apt-get install -s`: what installing `pkgs` would do.
+fn simulate(apt_opts: &[String], pkgs: &[String], cmd: &str) -> Result<String> {
+    let mut sim = Command::new("apt-get");
+    sim.args(apt_opts).args(["install", "-s", "-q", "--no-install-recommends"]).args(pkgs);
+    util::output(sim).with_context(|| format!("apt-get cannot plan `{cmd}`"))
+}
+
+/// A backports suite to take some packages from, for one install.
+struct Backports {
+    /// `bookworm-backports`.
+    suite: String,
+    /// The installed packages from it that apt would otherwise remove.
+    installed: Vec<String>,
+    /// The packages to install from it: those built from the same source.
+    siblings: Vec<String>,
+    /// `-o` options that add the suite to the host's sources (a directory of
+    /// ours holding copies of the host's source files plus the suite).
+    apt_opts: Vec<String>,
+    /// That directory, removed when the install is done.
+    _dir: tempfile::TempDir,
+}
+
+impl Backports {
+    fn for_removals(removed: &[String], wanted: &[&str]) -> Result<Option<Backports>> {
+        let from_bpo: Vec<&String> = removed.iter().filter(|p| installed_version(p).contains("~bpo")).collect();
+        let Some(codename) = os_codename() else { return Ok(None) };
+        if from_bpo.is_empty() {
+            return Ok(None);
+        }
+        let sources: Vec<String> = from_bpo.iter().filter_map(|p| source_package(p)).collect();
+        let siblings: Vec<String> = wanted
+            .iter()
+            .filter(|w| source_package(w).is_some_and(|s| sources.contains(&s)))
+            .map(|w| w.to_string())
+            .collect();
+        if siblings.is_empty() {
+            return Ok(None);
+        }
+        let suite = format!("{codename}-backports");
+        let tmp =
+            tempfile::Builder::new().prefix("pinlab-apt-sources-").tempdir().context("Failed to create a temp dir")?;
+        let dir = tmp.path().to_path_buf();
+        if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".list") || name.ends_with(".sources") {
+                    std::fs::copy(e.path(), dir.join(&name))
+                        .with_context(|| format!("Failed to copy {}", e.path().display()))?;
+                }
+            }
+        }
+        let extra = dir.join("pinlab-backports.sources");
+        std::fs::write(
+            &extra,
+            format!(
+                "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\nComponents: main\n\
+                 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            ),
+        )
+        .with_context(|| format!("Failed to write {}", extra.display()))?;
+        Ok(Some(Backports {
+            suite,
+            installed: from_bpo.iter().map(|p| format!("{p} {}", installed_version(p))).collect(),
+            siblings,
+            apt_opts: vec!["-o".into(), format!("Dir::Etc::SourceParts={}", dir.display())],
+            _dir: tmp,
+        }))
+    }
+}
+
+/// The installed version of a package, or "".
+fn installed_version(pkg: &str) -> String {
+    let mut c = Command::new("dpkg-query");
+    c.args(["-W", "-f=${Version}", pkg]);
+    util::output(c).unwrap_or_default().trim().to_string()
+}
+
+/// The source package a binary package is built from (apt's candidate, else the installed one).
+fn source_package(pkg: &str) -> Option<String> {
+    let mut c = Command::new("apt-cache");
+    c.args(["show", "--no-all-versions", pkg]);
+    let out = util::output(c).ok()?;
+    let src = out.lines().find_map(|l| l.strip_prefix("Source: ")).map(|s| s.split_whitespace().next().unwrap_or(s));
+    Some(src.unwrap_or(pkg).to_string())
+}
+
+/// `VERSION_CODENAME` from /etc/os-release (`bookworm`).
+fn os_codename() -> Option<String> {
+    let t = std::fs::read_to_string("/etc/os-release").ok()?;
+    t.lines().find_map(|l| l.strip_prefix("VERSION_CODENAME=")).map(|v| v.trim_matches('"').to_string())
 }
 
 /// The packages an `apt-get install -s` plan removes (`Remv NAME [VERSION]`).

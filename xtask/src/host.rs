@@ -4,7 +4,7 @@
 use crate::util::{self, Cache};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// One host requirement.
 #[derive(Clone, Debug)]
@@ -182,7 +182,22 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
                 .iter()
                 .map(|p| if bp.siblings.iter().any(|s| s == p) { format!("{p}/{}", bp.suite) } else { p.to_string() })
                 .collect();
-            removed = removals(&simulate(&apt_opts, &wanted, &cmd)?);
+            // `pkg/suite` takes only pkg from there; its dependencies that
+            // need the suite's versions are named the same way, until apt
+            // has a plan (a handful of rounds: qemu-system-common, -data, seabios).
+            let mut plan = simulate_raw(&apt_opts, &wanted)?;
+            for _ in 0..8 {
+                let deps = unmet_from(&plan.1);
+                if plan.0 || deps.is_empty() {
+                    break;
+                }
+                wanted.extend(deps.into_iter().map(|d| format!("{d}/{}", bp.suite)));
+                plan = simulate_raw(&apt_opts, &wanted)?;
+            }
+            if !plan.0 {
+                bail!("apt-get cannot plan the install with {} enabled:\n{}", bp.suite, plan.1.trim());
+            }
+            removed = removals(&plan.1);
         }
     }
     if !removed.is_empty() {
@@ -214,6 +229,30 @@ fn simulate(apt_opts: &[String], pkgs: &[String], cmd: &str) -> Result<String> {
     let mut sim = Command::new("apt-get");
     sim.args(apt_opts).args(["install", "-s", "-q", "--no-install-recommends"]).args(pkgs);
     util::output(sim).with_context(|| format!("apt-get cannot plan `{cmd}`"))
+}
+
+/// `apt-get install -s`: whether apt has a plan, and its output (stdout and stderr).
+fn simulate_raw(apt_opts: &[String], pkgs: &[String]) -> Result<(bool, String)> {
+    let mut sim = Command::new("apt-get");
+    sim.args(apt_opts).args(["install", "-s", "-q", "--no-install-recommends"]).args(pkgs);
+    let shown = util::show(&sim);
+    let out = sim.stdin(Stdio::null()).output().with_context(|| format!("Failed to start `{shown}`"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+/// The packages apt says it cannot take at the needed version:
+/// ` X : Depends: Y (= 1.0) but 0.9 is to be installed` (or `… but it is not going to be installed`).
+fn unmet_from(apt_out: &str) -> Vec<String> {
+    let mut v: Vec<String> = apt_out
+        .lines()
+        .filter_map(|l| l.split_once("Depends: ").map(|(_, r)| r))
+        .filter(|r| r.contains(" but "))
+        .filter_map(|r| r.split_whitespace().next().map(String::from))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// A backports suite to take some packages from, for one install.
@@ -447,6 +486,15 @@ pub fn doctor(cache: &Cache) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unmet_dependencies_are_read_from_apt() {
+        let out = " qemu-system-x86 : Depends: qemu-system-common (= 1:10.0.2) but it is not going to be installed\n\
+                   \x20                  Depends: qemu-system-data (> 1:10.0.2+ds~) but 1:7.2+dfsg-7 is to be installed\n\
+                   \x20                  Depends: seabios (> 1.16.3-1~) but 1.16.2-1 is to be installed\n\
+                   E: Unable to correct problems, you have held broken packages.\n";
+        assert_eq!(unmet_from(out), vec!["qemu-system-common", "qemu-system-data", "seabios"]);
+    }
 
     #[test]
     fn removals_are_read_from_the_plan() {

@@ -154,13 +154,16 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
         bail!("missing host tools: {}\nInstall them with:\n    sudo apt-get update && sudo {cmd}", names.join(", "));
     }
     eprintln!("pinlab: installing missing host packages: {}", pkgs.join(" "));
+    // Wait for another apt or dpkg (unattended upgrades, a second pinlab) instead of failing.
+    let mut apt_opts: Vec<String> = vec!["-o".into(), "DPkg::Lock::Timeout=300".into()];
     let mut update = Command::new("apt-get");
-    update.args(["update", "-q"]);
+    update.args(&apt_opts).args(["update", "-q"]);
     util::run_shown(update).context("Failed to run apt-get update")?;
     // Install, never remove: apt's plan may remove a package to satisfy a
     // new one (qemu-system-x86 7.2 from bookworm takes qemu-utils 10.0 from
     // bookworm-backports with it, and -y would accept that).
-    let mut apt_opts: Vec<String> = Vec::new();
+    // Holds the extra sources directory until the install is done.
+    let mut backports: Option<Backports> = None;
     let mut wanted: Vec<String> = pkgs.iter().map(|p| p.to_string()).collect();
     let mut removed = removals(&simulate(&apt_opts, &wanted, &cmd)?);
     if !removed.is_empty() {
@@ -174,7 +177,7 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
                 bp.suite,
                 bp.siblings.join(", ")
             );
-            apt_opts.clone_from(&bp.apt_opts);
+            apt_opts.extend(bp.apt_opts.iter().cloned());
             let mut update = Command::new("apt-get");
             update.args(&apt_opts).args(["update", "-q"]);
             util::run_shown(update).with_context(|| format!("Failed to fetch the index of {}", bp.suite))?;
@@ -198,6 +201,7 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
                 bail!("apt-get cannot plan the install with {} enabled:\n{}", bp.suite, plan.1.trim());
             }
             removed = removals(&plan.1);
+            backports = Some(bp);
         }
     }
     if !removed.is_empty() {
@@ -216,6 +220,7 @@ pub fn ensure(needs: &[Need], no_install: bool) -> Result<()> {
         .args(&wanted)
         .env("DEBIAN_FRONTEND", "noninteractive");
     util::run_shown(install).with_context(|| format!("Failed to install host packages; try `{cmd}` by hand"))?;
+    drop(backports);
     let still: Vec<_> =
         requirements().into_iter().filter(|r| needs.contains(&r.needed_for) && !r.present()).map(|r| r.what).collect();
     if !still.is_empty() {

@@ -11,6 +11,7 @@
 pub mod bench;
 pub mod errno;
 pub mod plan;
+pub mod protocol;
 pub mod results;
 pub mod spec;
 

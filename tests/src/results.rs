@@ -1,12 +1,10 @@
 //! What a guest observed (`guest-results.json` on the run share) and how it
 //! compares with a spec's expectations.
 
-use crate::spec::{Outcome, Scenario};
+use crate::protocol::StepOutcome;
+use crate::spec::Scenario;
 use crate::{Flavor, Fs};
 use serde::{Deserialize, Serialize};
-
-/// Outcome string of a step the runner did not execute.
-pub const NOT_RUN: &str = "not run";
 
 /// Everything one boot's runner wrote.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -23,9 +21,10 @@ pub struct BootResults {
     /// on the unmounted filesystem); `None` if the runner did not get there.
     #[serde(default)]
     pub fsck: Option<StepResult>,
-    /// kselftest results, one per TAP test line: outcome `ok`, `skip` or `fail`.
+    /// kselftest results, one per TAP test line (and one per program that
+    /// did not run or exited with a failure).
     #[serde(default)]
-    pub selftests: Vec<StepResult>,
+    pub selftests: Vec<SelftestResult>,
     /// What `cargo xtask bench` asked the guest to measure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bench: Option<crate::bench::BenchResults>,
@@ -36,7 +35,7 @@ pub struct BootResults {
 pub struct ScenarioResult {
     /// The scenario id.
     pub id: String,
-    /// One per planned step, in order; steps after a stop are [`NOT_RUN`].
+    /// One per planned step, in order; steps after a stop are [`StepOutcome::NotRun`].
     pub steps: Vec<StepResult>,
     /// Wall time of the whole scenario.
     pub ms: f64,
@@ -47,12 +46,12 @@ pub struct ScenarioResult {
 }
 
 /// A step as run.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepResult {
     /// The step's name.
     pub name: String,
-    /// `ok`, an errno name, `mismatch`, `error` (pinlab itself failed) or [`NOT_RUN`].
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: StepOutcome,
     /// What the kernel said and what was observed, for people.
     #[serde(default)]
     pub detail: String,
@@ -61,15 +60,108 @@ pub struct StepResult {
     pub ms: f64,
 }
 
+/// How one kselftest test ended (its TAP line).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TapOutcome {
+    /// `ok N name`.
+    Ok,
+    /// `ok N name # SKIP why`.
+    Skip,
+    /// `not ok N name`, or a program that could not run or exited with a failure.
+    Fail,
+}
+
+impl TapOutcome {
+    /// `ok`, `skip`, `fail`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TapOutcome::Ok => "ok",
+            TapOutcome::Skip => "skip",
+            TapOutcome::Fail => "fail",
+        }
+    }
+}
+
+/// One kselftest result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SelftestResult {
+    /// The program (its file name).
+    pub program: String,
+    /// The test's name from its TAP line; empty for the program as a whole.
+    pub test: String,
+    /// How it ended.
+    pub outcome: TapOutcome,
+    /// The TAP directive (`SKIP …`), or why the program failed.
+    #[serde(default)]
+    pub detail: String,
+}
+
+impl SelftestResult {
+    /// `program: test`, or `program` for the program as a whole.
+    pub fn label(&self) -> String {
+        if self.test.is_empty() {
+            self.program.clone()
+        } else {
+            format!("{}: {}", self.program, self.test)
+        }
+    }
+}
+
+/// The results of one kselftest program: one per TAP test line, plus a
+/// failure for the program itself if it printed no test line or its exit
+/// code is neither 0 (pass) nor 4 (`KSFT_SKIP`, everything skipped).
+pub fn parse_tap(program: &str, stdout: &str, exit_code: Option<i32>, stderr: &str) -> Vec<SelftestResult> {
+    let mut out = Vec::new();
+    for line in stdout.lines() {
+        let (ok, rest) = if let Some(r) = line.strip_prefix("not ok ") {
+            (false, r)
+        } else if let Some(r) = line.strip_prefix("ok ") {
+            (true, r)
+        } else {
+            continue;
+        };
+        // `N name # DIRECTIVE`; the number is optional in TAP.
+        let rest = match rest.split_once(' ') {
+            Some((n, t)) if n.chars().all(|c| c.is_ascii_digit()) => t,
+            _ if rest.chars().all(|c| c.is_ascii_digit()) => "",
+            _ => rest,
+        };
+        let (test, directive) = rest.split_once(" # ").unwrap_or((rest, ""));
+        let outcome = match (ok, directive.trim_start().to_uppercase().starts_with("SKIP")) {
+            (true, true) => TapOutcome::Skip,
+            (true, false) => TapOutcome::Ok,
+            (false, _) => TapOutcome::Fail,
+        };
+        out.push(SelftestResult {
+            program: program.to_string(),
+            test: test.trim().to_string(),
+            outcome,
+            detail: directive.trim().to_string(),
+        });
+    }
+    let n = out.len();
+    if n == 0 || !matches!(exit_code, Some(0) | Some(4)) {
+        let code = exit_code.map(|c| c.to_string()).unwrap_or_else(|| "killed by a signal".into());
+        out.push(SelftestResult {
+            program: program.to_string(),
+            test: String::new(),
+            outcome: TapOutcome::Fail,
+            detail: format!("exit {code}; {n} TAP test lines; {}", stderr.trim()),
+        });
+    }
+    out
+}
+
 /// One step, expected vs actual.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepCheck {
     /// The step's name.
     pub name: String,
-    /// Expected outcome, or [`NOT_RUN`] after a stop.
-    pub expected: String,
-    /// What the guest observed.
-    pub actual: String,
+    /// Expected outcome, or [`StepOutcome::NotRun`] after a stop.
+    pub expected: StepOutcome,
+    /// What the guest observed ([`StepOutcome::Missing`] if nothing).
+    pub actual: StepOutcome,
     /// The guest's detail text.
     pub detail: String,
     /// Whether they agree.
@@ -108,7 +200,7 @@ impl CellResult {
         if let Some(why) = &self.not_run {
             return format!("not run: {why}");
         }
-        let s = self.steps.iter().find(|s| !s.pass).or_else(|| self.steps.iter().rev().find(|s| s.actual != NOT_RUN));
+        let s = self.steps.iter().find(|s| !s.pass).or_else(|| self.steps.iter().rev().find(|s| s.actual.ran()));
         match s {
             Some(s) if s.pass => format!("{}: {}", s.name, s.actual),
             Some(s) => format!("{}: expected {}, got {}", s.name, s.expected, s.actual),
@@ -117,27 +209,17 @@ impl CellResult {
     }
 
     /// The expected counterpart of [`CellResult::verdict`].
-    pub fn expected_verdict(&self) -> String {
-        self.steps
-            .iter()
-            .filter(|s| s.expected != NOT_RUN)
-            .find(|s| s.expected != "ok")
-            .map(|s| s.expected.clone())
-            .unwrap_or_else(|| "ok".into())
+    pub fn expected_verdict(&self) -> StepOutcome {
+        self.steps.iter().map(|s| &s.expected).find(|e| e.ran() && !e.is_ok()).cloned().unwrap_or(StepOutcome::Ok)
     }
 
     /// The errno that ends or characterises the run: the first non-ok actual
     /// outcome among executed steps, else `ok`.
-    pub fn verdict(&self) -> String {
+    pub fn verdict(&self) -> StepOutcome {
         if self.not_run.is_some() {
-            return NOT_RUN.into();
+            return StepOutcome::NotRun;
         }
-        self.steps
-            .iter()
-            .filter(|s| s.actual != NOT_RUN)
-            .find(|s| s.actual != "ok")
-            .map(|s| s.actual.clone())
-            .unwrap_or_else(|| "ok".into())
+        self.steps.iter().map(|s| &s.actual).find(|a| a.ran() && !a.is_ok()).cloned().unwrap_or(StepOutcome::Ok)
     }
 }
 
@@ -147,10 +229,10 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
     let expected = spec.expected(flavor, fs);
     let mut steps = Vec::new();
     for (i, (step, exp)) in spec.steps.iter().zip(expected).enumerate() {
-        let exp = exp.as_ref().map(Outcome::as_str).unwrap_or(NOT_RUN).to_string();
+        let exp = exp.as_ref().map(StepOutcome::from).unwrap_or(StepOutcome::NotRun);
         let (actual, detail, ms) = match got.and_then(|g| g.steps.get(i)) {
             Some(r) => (r.outcome.clone(), r.detail.clone(), r.ms),
-            None => ("missing".to_string(), "the guest reported no result for this step".to_string(), 0.0),
+            None => (StepOutcome::Missing, "the guest reported no result for this step".to_string(), 0.0),
         };
         steps.push(StepCheck { name: step.name.clone(), pass: actual == exp, expected: exp, actual, detail, ms });
     }
@@ -170,6 +252,11 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
 mod tests {
     use super::*;
     use crate::spec::parse;
+    use StepOutcome::{NotRun, Ok as OK};
+
+    fn e(n: &str) -> StepOutcome {
+        StepOutcome::Errno(n.into())
+    }
     use std::path::Path;
 
     fn spec() -> Scenario {
@@ -182,12 +269,12 @@ mod tests {
         .unwrap()
     }
 
-    fn res(outcomes: &[&str]) -> ScenarioResult {
+    fn res(outcomes: &[StepOutcome]) -> ScenarioResult {
         ScenarioResult {
             id: "S02".into(),
             steps: outcomes
                 .iter()
-                .map(|o| StepResult { name: "x".into(), outcome: o.to_string(), detail: String::new(), ms: 1.0 })
+                .map(|o| StepResult { name: "x".into(), outcome: o.clone(), detail: String::new(), ms: 1.0 })
                 .collect(),
             ms: 3.0,
             isolation: None,
@@ -196,21 +283,21 @@ mod tests {
 
     #[test]
     fn stop_matches_not_run() {
-        let c = check(&spec(), Flavor::Stock, Fs::Ext4, Some(&res(&["ok", "EOPNOTSUPP", NOT_RUN])));
+        let c = check(&spec(), Flavor::Stock, Fs::Ext4, Some(&res(&[OK, e("EOPNOTSUPP"), NotRun])));
         assert!(c.pass, "{c:?}");
-        assert_eq!(c.verdict(), "EOPNOTSUPP");
+        assert_eq!(c.verdict(), e("EOPNOTSUPP"));
     }
 
     #[test]
     fn wrong_errno_fails() {
-        let c = check(&spec(), Flavor::Stock, Fs::Ext4, Some(&res(&["ok", "EPERM", NOT_RUN])));
+        let c = check(&spec(), Flavor::Stock, Fs::Ext4, Some(&res(&[OK, e("EPERM"), NotRun])));
         assert!(!c.pass);
         assert_eq!(c.headline(), "reg: expected EOPNOTSUPP, got EPERM");
     }
 
     #[test]
     fn failed_isolation_fails_the_cell() {
-        let mut r = res(&["ok", "EOPNOTSUPP", NOT_RUN]);
+        let mut r = res(&[OK, e("EOPNOTSUPP"), NotRun]);
         r.isolation = Some("pid 12 still pins".into());
         let c = check(&spec(), Flavor::Stock, Fs::Ext4, Some(&r));
         assert!(!c.pass);
@@ -220,8 +307,32 @@ mod tests {
     fn missing_results_fail() {
         let c = check(&spec(), Flavor::Patched, Fs::Xfs, None);
         assert!(!c.pass);
-        let short = check(&spec(), Flavor::Patched, Fs::Xfs, Some(&res(&["ok"])));
+        let short = check(&spec(), Flavor::Patched, Fs::Xfs, Some(&res(&[OK])));
         assert!(!short.pass);
-        assert_eq!(short.steps[1].actual, "missing");
+        assert_eq!(short.steps[1].actual, StepOutcome::Missing);
+    }
+
+    #[test]
+    fn tap() {
+        let out = "TAP version 13\n1..4\nok 1 lease_then_pin\nnot ok 2 pin_without_lease\n\
+                   ok 3 dax_only # SKIP not a DAX mount\nok 4\n# Totals: pass:2 fail:1\n";
+        let r = parse_tap("layout_lease", out, Some(1), "boom");
+        let got: Vec<(&str, TapOutcome, &str)> =
+            r.iter().map(|t| (t.test.as_str(), t.outcome, t.detail.as_str())).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("lease_then_pin", TapOutcome::Ok, ""),
+                ("pin_without_lease", TapOutcome::Fail, ""),
+                ("dax_only", TapOutcome::Skip, "SKIP not a DAX mount"),
+                ("", TapOutcome::Ok, ""),
+                ("", TapOutcome::Fail, "exit 1; 4 TAP test lines; boom"),
+            ]
+        );
+        assert_eq!(r[0].label(), "layout_lease: lease_then_pin");
+        let skipped = parse_tap("x", "ok 1 a # SKIP no\n", Some(4), "");
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(parse_tap("x", "", Some(0), "")[0].outcome, TapOutcome::Fail);
+        assert!(parse_tap("x", "ok 1 a\n", None, "")[1].detail.contains("signal"));
     }
 }

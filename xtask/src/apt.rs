@@ -42,7 +42,7 @@ impl Apt {
             "state/lists/partial",
             "cache/archives/partial",
         ] {
-            std::fs::create_dir_all(root.join(d))
+            fs_err::create_dir_all(root.join(d))
                 .with_context(|| format!("Failed to create {}", root.join(d).display()))?;
         }
         let keyring = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg");
@@ -52,7 +52,7 @@ impl Apt {
         // Written only when they differ, atomically: a concurrent run's
         // apt-get may be reading them right now.
         let put = |p: &Path, text: &str| -> Result<()> {
-            if std::fs::read_to_string(p).ok().as_deref() != Some(text) {
+            if fs_err::read_to_string(p).ok().as_deref() != Some(text) {
                 util::write_atomic(p, text.as_bytes())?;
             }
             Ok(())
@@ -120,7 +120,7 @@ impl Apt {
     }
 
     fn has_lists(&self) -> bool {
-        std::fs::read_dir(self.root.join("state/lists"))
+        fs_err::read_dir(self.root.join("state/lists"))
             .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with("_Packages")))
             .unwrap_or(false)
     }
@@ -129,7 +129,7 @@ impl Apt {
     /// update brought new indices.
     pub fn lists_id(&self) -> Result<String> {
         let lists = self.root.join("state/lists");
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&lists)
+        let mut names: Vec<PathBuf> = fs_err::read_dir(&lists)
             .with_context(|| format!("Failed to read {}", lists.display()))?
             .flatten()
             .map(|e| e.path())
@@ -138,7 +138,7 @@ impl Apt {
         names.sort();
         let mut h = util::KeyHasher::default();
         for p in names {
-            let b = std::fs::read(&p).with_context(|| format!("Failed to read {}", p.display()))?;
+            let b = fs_err::read(&p).with_context(|| format!("Failed to read {}", p.display()))?;
             h.part(&p.file_name().unwrap_or_default().to_string_lossy(), &b);
         }
         Ok(h.finish())
@@ -155,14 +155,14 @@ impl Apt {
     pub fn index(&self, names: &BTreeSet<String>) -> Result<Index> {
         let lists = self.root.join("state/lists");
         let mut idx = Index::default();
-        let rd = std::fs::read_dir(&lists).with_context(|| format!("Failed to read {}", lists.display()))?;
+        let rd = fs_err::read_dir(&lists).with_context(|| format!("Failed to read {}", lists.display()))?;
         for e in rd {
             let p = e.with_context(|| format!("Failed to read {}", lists.display()))?.path();
             let f = p.file_name().and_then(|f| f.to_str()).unwrap_or("");
             if !f.ends_with("_Packages") {
                 continue;
             }
-            let text = std::fs::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
+            let text = fs_err::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
             parse_packages(&text, names, &mut idx);
         }
         Ok(idx)
@@ -195,7 +195,7 @@ impl Apt {
                 Err(Damage::Unreadable(e)) => bail!("Failed to read {}: {e}", path.display()),
                 Err(d) => {
                     eprintln!("apt: cached {} is damaged ({d}); fetching it again", path.display());
-                    std::fs::remove_file(&path).with_context(|| format!("Failed to remove {}", path.display()))?;
+                    fs_err::remove_file(&path).with_context(|| format!("Failed to remove {}", path.display()))?;
                     missing.push(format!("{n}={v}"));
                 }
             }
@@ -337,7 +337,7 @@ pub fn verify_deb(path: &Path, e: &Entry) -> std::result::Result<(), Damage> {
     if meta.len() != e.size {
         return Err(Damage::Size(meta.len(), e.size));
     }
-    let mut f = std::fs::File::open(path).map_err(|e| Damage::Unreadable(e.to_string()))?;
+    let mut f = fs_err::File::open(path).map_err(|e| Damage::Unreadable(e.to_string()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -413,11 +413,11 @@ Package: libc6\nVersion: 2.41-12+deb13u4\nSize: 7\nSHA256: 11\n";
         let e = idx.get("libc6", "2.41-12+deb13u5").unwrap();
         let p = d.path().join(deb_file_name("libc6", e));
         assert_eq!(verify_deb(&p, e), Err(Damage::Missing));
-        std::fs::write(&p, b"").unwrap();
+        fs_err::write(&p, b"").unwrap();
         assert_eq!(verify_deb(&p, e), Err(Damage::Size(0, 4)));
-        std::fs::write(&p, b"abcd").unwrap();
+        fs_err::write(&p, b"abcd").unwrap();
         assert_eq!(verify_deb(&p, e), Ok(()));
-        std::fs::write(&p, b"abce").unwrap();
+        fs_err::write(&p, b"abce").unwrap();
         assert_eq!(verify_deb(&p, e), Err(Damage::Hash));
         let bb = Entry { version: "1:1.37.0-6+b9".into(), size: 1, sha256: String::new(), arch: "all".into() };
         assert_eq!(deb_file_name("busybox", &bb), "busybox_1%3a1.37.0-6+b9_all.deb");

@@ -11,12 +11,14 @@
 //! only when a figure could not be measured or a boot failed.
 
 use crate::kernel;
+use crate::qemu::Accel;
 use crate::ui;
 use crate::util::{self, Cache};
-use crate::vm::{self, Accel, BootSpec, Deadlines};
+use crate::vm::{self, BootEvent, BootSpec, Deadlines};
 use anyhow::{Context, Result};
 use pinlab_scenarios::bench::{key, BenchPlan, BenchResults};
 use pinlab_scenarios::plan::Plan;
+use pinlab_scenarios::protocol::GuestEvent;
 use pinlab_scenarios::{Flavor, Fs};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -111,7 +113,7 @@ fn trim(v: f64) -> String {
 }
 
 fn machine(accel: Accel) -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+    let cpu = fs_err::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
             c.lines()
@@ -121,7 +123,7 @@ fn machine(accel: Accel) -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+    let mem_gib = fs_err::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|k| k.parse::<f64>().ok()))
         .map(|kib| kib / (1024.0 * 1024.0))
@@ -161,9 +163,9 @@ pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
         boots.push(boot_bench(&lab.virtiofsd, k, rootfs, &dir, fs, accel, &plan_b)?);
     }
     let b = Bench { id, machine, flavor, plan: plan_b, boots };
-    std::fs::write(dir.join("bench.json"), serde_json::to_vec_pretty(&b)?)?;
+    fs_err::write(dir.join("bench.json"), serde_json::to_vec_pretty(&b)?)?;
     let text = table(&b);
-    std::fs::write(dir.join("bench.md"), format!("# pinlab bench {}\n\n```text\n{text}```\n", b.id))?;
+    fs_err::write(dir.join("bench.md"), format!("# pinlab bench {}\n\n```text\n{text}```\n", b.id))?;
     println!("\n{text}");
     println!("Written to {}", dir.join("bench.json").display());
     let measured = b.boots.iter().all(|bb| {
@@ -184,15 +186,17 @@ fn boot_bench(
 ) -> Result<BootBench> {
     let plan = Plan { flavor: k.flavor, fs, scenarios: Vec::new(), selftests: Vec::new(), bench: Some(bp.clone()) };
     let boot_dir = dir.join(format!("{}-{}", k.flavor, fs));
-    std::fs::create_dir_all(&boot_dir)?;
+    fs_err::create_dir_all(&boot_dir)?;
     let label = format!("bench {}/{}", k.flavor, fs);
     let pb = ui::spinner(format!("{label}: booting"));
-    let mut on_line = |line: &str| {
-        if let Some(rest) = line.split(crate::console::MARK_BENCH).nth(1) {
-            pb.set_message(format!("{label}: {rest}"));
-        } else if line.contains(crate::console::MARK_RUNNER) {
-            pb.set_message(format!("{label}: runner started, setting up the lab"));
+    let mut on_event = |ev: &BootEvent| match ev {
+        BootEvent::Guest(e @ (GuestEvent::BenchSample { .. } | GuestEvent::BenchStarted)) => {
+            pb.set_message(format!("{label}: {e}"))
         }
+        BootEvent::Guest(GuestEvent::RunnerStarted) => {
+            pb.set_message(format!("{label}: runner started, setting up the lab"))
+        }
+        _ => {}
     };
     let mut deadlines = Deadlines::for_plan(accel, &plan);
     // Registrations of hundreds of MiB and bandwidth runs, under TCG.
@@ -207,14 +211,14 @@ fn boot_bench(
         plan: &plan,
         accel,
         deadlines,
-        on_line: &mut on_line,
+        on_event: &mut on_event,
     })?;
     pb.finish_and_clear();
-    let mut failure = out.failure.clone();
-    if !out.splats.is_empty() {
+    let mut failure = crate::verdict::boot_problem(&out).map(|p| p.text);
+    if crate::verdict::splats_fail(&out, k.flavor) {
         failure = Some(format!("{} kernel splat(s), first: {}", out.splats.len(), out.splats[0].text));
     }
-    let res = out.results.as_ref();
+    let res = out.results.as_ref().ok().and_then(Option::as_ref);
     let guest = res.and_then(|r| r.bench.clone());
     if guest.is_none() && failure.is_none() {
         failure = Some(format!("the runner wrote no bench results (console: {})", out.console.display()));

@@ -32,7 +32,7 @@ pub fn install() {
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         }
         for d in &dirs {
-            let _ = std::fs::remove_dir_all(d);
+            let _ = fs_err::remove_dir_all(d);
         }
         eprintln!(
             "\npinlab: interrupted; stopped {} child process(es) and removed {} temporary director{}",
@@ -110,7 +110,7 @@ pub fn owner_pid(name: &str) -> Option<u32> {
 /// boot directories, and (`staging`: only in pinlab's own cache
 /// directories) `*.tmp-<pid>-*` staging entries. Returns how many.
 pub fn sweep(dir: &Path, staging: bool) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(rd) = fs_err::read_dir(dir) else { return 0 };
     let mut n = 0;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -122,7 +122,7 @@ pub fn sweep(dir: &Path, staging: bool) -> usize {
             continue;
         }
         let p = e.path();
-        let gone = if p.is_dir() { std::fs::remove_dir_all(&p) } else { std::fs::remove_file(&p) };
+        let gone = if p.is_dir() { fs_err::remove_dir_all(&p) } else { fs_err::remove_file(&p) };
         if gone.is_ok() {
             n += 1;
         }
@@ -161,13 +161,13 @@ mod tests {
         let mine = d.path().join(format!("pinlab-vm-{}-y", std::process::id()));
         let staging = d.path().join("k.tmp-4194305-0");
         for p in [&dead, &mine, &staging] {
-            std::fs::create_dir(p).unwrap();
+            fs_err::create_dir(p).unwrap();
         }
         let other = d.path().join("notes.tmp-4194305-0");
-        std::fs::create_dir(&other).unwrap();
+        fs_err::create_dir(&other).unwrap();
         assert_eq!(sweep(d.path(), false), 1);
         assert!(other.exists(), "outside pinlab's cache only pinlab-vm-* is swept");
-        std::fs::remove_dir(&other).unwrap();
+        fs_err::remove_dir(&other).unwrap();
         assert_eq!(sweep(d.path(), true), 1);
         assert!(!dead.exists() && !staging.exists() && mine.exists());
     }

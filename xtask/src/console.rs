@@ -1,48 +1,77 @@
-//! The serial console as a stream: markers the guest prints, and kernel
-//! splats (panic, oops, BUG, WARNING, KASAN, lockdep, hung task) that fail a
-//! run whatever the scenarios said.
+//! Kernel splats on the serial console (panic, oops, BUG, WARNING, KASAN,
+//! lockdep, hung task, …): they fail a run whatever the scenarios said.
+//! pinlab's own messages on the console are [`pinlab_scenarios::protocol`]'s.
 
-/// Printed by pinlab-init when the runner starts (boot deadline ends here).
-pub const MARK_RUNNER: &str = "PINLAB-RUNNER-START";
-/// Printed by the runner before each scenario: `PINLAB-SCENARIO S01 <title>`.
-pub const MARK_SCENARIO: &str = "PINLAB-SCENARIO ";
-/// Printed by the runner after each step: `PINLAB-STEP S05 3 ETXTBSY [other] name: detail`.
-pub const MARK_STEP: &str = "PINLAB-STEP ";
+use serde::{Deserialize, Serialize};
 
-/// A parsed step line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StepLine<'a> {
-    /// Scenario id.
-    pub id: &'a str,
-    /// Step index (0-based).
-    pub index: usize,
-    /// Outcome.
-    pub outcome: &'a str,
-    /// `[proc] name: detail`.
-    pub rest: &'a str,
+/// What the kernel reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SplatKind {
+    /// `Kernel panic - not syncing`.
+    KernelPanic,
+    /// A KASAN report.
+    Kasan,
+    /// A UBSAN report.
+    Ubsan,
+    /// A lockdep report.
+    Lockdep,
+    /// The hung-task detector.
+    HungTask,
+    /// The soft-lockup detector.
+    SoftLockup,
+    /// An RCU stall.
+    RcuStall,
+    /// A general protection fault.
+    GeneralProtectionFault,
+    /// An oops.
+    Oops,
+    /// `BUG:` or `kernel BUG at`.
+    Bug,
+    /// `WARNING:`.
+    Warning,
 }
 
-/// Parse a `PINLAB-STEP` line.
-pub fn step_line(line: &str) -> Option<StepLine<'_>> {
-    let rest = &line[line.find(MARK_STEP)? + MARK_STEP.len()..];
-    let mut it = rest.splitn(4, ' ');
-    let id = it.next()?;
-    let index = it.next()?.parse().ok()?;
-    let outcome = it.next()?;
-    Some(StepLine { id, index, outcome, rest: it.next().unwrap_or("") })
+impl SplatKind {
+    /// The name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            SplatKind::KernelPanic => "Kernel panic",
+            SplatKind::Kasan => "KASAN",
+            SplatKind::Ubsan => "UBSAN",
+            SplatKind::Lockdep => "lockdep",
+            SplatKind::HungTask => "hung task",
+            SplatKind::SoftLockup => "soft lockup",
+            SplatKind::RcuStall => "RCU stall",
+            SplatKind::GeneralProtectionFault => "general protection fault",
+            SplatKind::Oops => "Oops",
+            SplatKind::Bug => "BUG",
+            SplatKind::Warning => "WARNING",
+        }
+    }
+
+    /// The kernel cannot go on (the guest dies or is about to).
+    pub fn is_fatal(self) -> bool {
+        matches!(self, SplatKind::KernelPanic | SplatKind::Oops | SplatKind::Bug | SplatKind::GeneralProtectionFault)
+    }
+
+    /// The kernel reports that something stopped making progress.
+    pub fn is_hang(self) -> bool {
+        matches!(self, SplatKind::HungTask | SplatKind::SoftLockup | SplatKind::RcuStall)
+    }
 }
 
-/// Printed by the runner after each bench figure: `PINLAB-BENCH <figure>`.
-pub const MARK_BENCH: &str = "PINLAB-BENCH ";
-
-/// Printed by pinlab-init after the runner finished and results are synced.
-pub const MARK_DONE: &str = "PINLAB-DONE";
+impl std::fmt::Display for SplatKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// A kernel splat found on the console.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Splat {
-    /// Which kind (`Kernel panic`, `Oops`, `BUG`, `WARNING`, `KASAN`, `lockdep`, `hung task`, …).
-    pub kind: &'static str,
+    /// Which kind.
+    pub kind: SplatKind,
     /// 1-based line number in the console log.
     pub line: usize,
     /// The line itself.
@@ -50,25 +79,25 @@ pub struct Splat {
 }
 
 /// (kind, substring) pairs; checked after stripping the printk timestamp.
-const PATTERNS: &[(&str, &str)] = &[
+const PATTERNS: &[(SplatKind, &str)] = &[
     // Specific kinds first: their lines also say "BUG:" or "WARNING:".
-    ("Kernel panic", "Kernel panic - not syncing"),
-    ("KASAN", "KASAN: "),
-    ("UBSAN", "UBSAN: "),
-    ("lockdep", "possible circular locking dependency detected"),
-    ("lockdep", "possible recursive locking detected"),
-    ("lockdep", "inconsistent lock state"),
-    ("lockdep", "suspicious RCU usage"),
-    ("hung task", "blocked for more than"),
-    ("soft lockup", "soft lockup - CPU#"),
-    ("RCU stall", "rcu_sched self-detected stall"),
-    ("RCU stall", "rcu: INFO: rcu_preempt detected stalls"),
-    ("general protection fault", "general protection fault"),
-    ("Oops", "Oops: "),
-    ("Oops", "] Oops"),
-    ("BUG", "BUG: "),
-    ("BUG", "kernel BUG at "),
-    ("WARNING", "WARNING: "),
+    (SplatKind::KernelPanic, "Kernel panic - not syncing"),
+    (SplatKind::Kasan, "KASAN: "),
+    (SplatKind::Ubsan, "UBSAN: "),
+    (SplatKind::Lockdep, "possible circular locking dependency detected"),
+    (SplatKind::Lockdep, "possible recursive locking detected"),
+    (SplatKind::Lockdep, "inconsistent lock state"),
+    (SplatKind::Lockdep, "suspicious RCU usage"),
+    (SplatKind::HungTask, "blocked for more than"),
+    (SplatKind::SoftLockup, "soft lockup - CPU#"),
+    (SplatKind::RcuStall, "rcu_sched self-detected stall"),
+    (SplatKind::RcuStall, "rcu: INFO: rcu_preempt detected stalls"),
+    (SplatKind::GeneralProtectionFault, "general protection fault"),
+    (SplatKind::Oops, "Oops: "),
+    (SplatKind::Oops, "] Oops"),
+    (SplatKind::Bug, "BUG: "),
+    (SplatKind::Bug, "kernel BUG at "),
+    (SplatKind::Warning, "WARNING: "),
 ];
 
 /// Strip a `[    1.234567] ` printk timestamp.
@@ -85,7 +114,7 @@ fn strip_time(line: &str) -> &str {
 }
 
 /// Splats in one console line, if any.
-pub fn splat_in_line(line: &str) -> Option<&'static str> {
+pub fn splat_in_line(line: &str) -> Option<SplatKind> {
     let body = strip_time(line);
     PATTERNS.iter().find(|(_, p)| body.contains(p)).map(|(k, _)| *k)
 }
@@ -96,12 +125,6 @@ pub fn scan(log: &str) -> Vec<Splat> {
         .enumerate()
         .filter_map(|(i, l)| splat_in_line(l).map(|kind| Splat { kind, line: i + 1, text: l.trim_end().to_string() }))
         .collect()
-}
-
-/// Whether a line carries a marker, after the timestamp (markers come from
-/// userspace and have none, but the kernel may interleave output).
-pub fn has_marker(line: &str, marker: &str) -> bool {
-    line.contains(marker)
 }
 
 #[cfg(test)]
@@ -128,18 +151,18 @@ PINLAB-DONE
     #[test]
     fn each_splat_kind_fails() {
         let cases = [
-            ("[   12.000000] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100", "Kernel panic"),
-            ("[    3.000000] Oops: general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP", "general protection fault"),
-            ("[    3.000000] BUG: kernel NULL pointer dereference, address: 0000000000000008", "BUG"),
-            ("[    3.000000] kernel BUG at mm/gup.c:123!", "BUG"),
-            ("[    3.000000] WARNING: CPU: 1 PID: 77 at fs/dax.c:400 dax_disassociate_entry+0x5b/0x70", "WARNING"),
-            ("[    3.000000] BUG: KASAN: use-after-free in ib_umem_release+0x1c/0x80", "KASAN"),
-            ("[    3.000000] ==================================================================\n[    3.000001] KASAN: maybe wild-memory-access in range", "KASAN"),
-            ("[    3.000000] WARNING: possible circular locking dependency detected", "lockdep"),
-            ("[    3.000000] possible recursive locking detected", "lockdep"),
-            ("[  243.000000] INFO: task truncate:123 blocked for more than 120 seconds.", "hung task"),
-            ("[    3.000000] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [qemu:1]", "soft lockup"),
-            ("[    3.000000] UBSAN: shift-out-of-bounds in fs/locks.c:10:2", "UBSAN"),
+            ("[   12.000000] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100", SplatKind::KernelPanic),
+            ("[    3.000000] Oops: general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP", SplatKind::GeneralProtectionFault),
+            ("[    3.000000] BUG: kernel NULL pointer dereference, address: 0000000000000008", SplatKind::Bug),
+            ("[    3.000000] kernel BUG at mm/gup.c:123!", SplatKind::Bug),
+            ("[    3.000000] WARNING: CPU: 1 PID: 77 at fs/dax.c:400 dax_disassociate_entry+0x5b/0x70", SplatKind::Warning),
+            ("[    3.000000] BUG: KASAN: use-after-free in ib_umem_release+0x1c/0x80", SplatKind::Kasan),
+            ("[    3.000000] ==================================================================\n[    3.000001] KASAN: maybe wild-memory-access in range", SplatKind::Kasan),
+            ("[    3.000000] WARNING: possible circular locking dependency detected", SplatKind::Lockdep),
+            ("[    3.000000] possible recursive locking detected", SplatKind::Lockdep),
+            ("[  243.000000] INFO: task truncate:123 blocked for more than 120 seconds.", SplatKind::HungTask),
+            ("[    3.000000] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [qemu:1]", SplatKind::SoftLockup),
+            ("[    3.000000] UBSAN: shift-out-of-bounds in fs/locks.c:10:2", SplatKind::Ubsan),
         ];
         for (text, kind) in cases {
             let log = format!("{CLEAN}{text}\n");
@@ -151,18 +174,7 @@ PINLAB-DONE
     }
 
     #[test]
-    fn step_lines() {
-        let l = step_line("PINLAB-STEP S05 3 ETXTBSY [other] truncate: truncate(/mnt/pmem/S05.dat, 0): busy").unwrap();
-        assert_eq!((l.id, l.index, l.outcome), ("S05", 3, "ETXTBSY"));
-        assert!(l.rest.starts_with("[other] truncate"));
-        assert_eq!(step_line("PINLAB-STEP S05 x ok"), None);
-        assert_eq!(step_line("random"), None);
-    }
-
-    #[test]
-    fn markers() {
-        assert!(has_marker("PINLAB-DONE", MARK_DONE));
-        assert!(!has_marker("[ 1.0] random", MARK_DONE));
+    fn timestamps() {
         assert_eq!(strip_time("[    1.500000] rdma_rxe: loaded"), "rdma_rxe: loaded");
         assert_eq!(strip_time("[x] y"), "[x] y");
     }

@@ -4,7 +4,7 @@
 use pinlab_scenarios::{Flavor, Fs};
 use std::path::PathBuf;
 
-use crate::vm::Accel;
+use crate::qemu::Accel;
 
 xflags::xflags! {
     /// pinlab: the RDMA + FS-DAX truncate lab. Builds stock and patched Linux
@@ -69,6 +69,12 @@ xflags::xflags! {
             optional --explain
             /// Fail if Debian no longer serves a pinned version (default: use the current one and say so).
             optional --locked
+        }
+
+        /// Make the reports (report.md, report.html, junit.xml) of an earlier run again from its results.json.
+        cmd report {
+            /// The run directory (default: target/pinlab/runs/latest).
+            optional dir: PathBuf
         }
 
         /// Boot the lab (DAX mounted, rxe up, demos on PATH) into a shell on this terminal.

@@ -295,17 +295,17 @@ impl Backports {
         let tmp =
             tempfile::Builder::new().prefix("pinlab-apt-sources-").tempdir().context("Failed to create a temp dir")?;
         let dir = tmp.path().to_path_buf();
-        if let Ok(rd) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        if let Ok(rd) = fs_err::read_dir("/etc/apt/sources.list.d") {
             for e in rd.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.ends_with(".list") || name.ends_with(".sources") {
-                    std::fs::copy(e.path(), dir.join(&name))
+                    fs_err::copy(e.path(), dir.join(&name))
                         .with_context(|| format!("Failed to copy {}", e.path().display()))?;
                 }
             }
         }
         let extra = dir.join("pinlab-backports.sources");
-        std::fs::write(
+        fs_err::write(
             &extra,
             format!(
                 "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: {suite}\nComponents: main\n\
@@ -341,7 +341,7 @@ fn source_package(pkg: &str) -> Option<String> {
 
 /// `VERSION_CODENAME` from /etc/os-release (`bookworm`).
 fn os_codename() -> Option<String> {
-    let t = std::fs::read_to_string("/etc/os-release").ok()?;
+    let t = fs_err::read_to_string("/etc/os-release").ok()?;
     t.lines().find_map(|l| l.strip_prefix("VERSION_CODENAME=")).map(|v| v.trim_matches('"').to_string())
 }
 
@@ -416,15 +416,14 @@ pub fn ensure_virtiofsd(cache: &Cache, no_install: bool) -> Result<PathBuf> {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.args(["install", "virtiofsd", "--locked", "--quiet", "--root"]).arg(&staging);
     let log = cache.dir("tools")?.join("virtiofsd-build.log");
-    let _ = std::fs::remove_file(&log);
+    let _ = fs_err::remove_file(&log);
     util::run_logged(c, &log, |_| {}).context("Failed to build virtiofsd (needs libseccomp-dev and libcap-ng-dev)")?;
     let built = staging.join("bin/virtiofsd");
     virtiofsd_works(&built).map_err(|e| anyhow::anyhow!("cargo install virtiofsd built a broken binary: {e}"))?;
-    std::fs::create_dir_all(root.join("bin"))
+    fs_err::create_dir_all(root.join("bin"))
         .with_context(|| format!("Failed to create {}", root.join("bin").display()))?;
-    std::fs::rename(&built, &own)
-        .with_context(|| format!("Failed to move {} to {}", built.display(), own.display()))?;
-    let _ = std::fs::remove_dir_all(&staging);
+    fs_err::rename(&built, &own).with_context(|| format!("Failed to move {} to {}", built.display(), own.display()))?;
+    let _ = fs_err::remove_dir_all(&staging);
     Ok(own)
 }
 

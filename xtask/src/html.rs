@@ -1,10 +1,9 @@
 //! `report.html` (one self-contained page a learner can read on its own: no
-//! scripts, fonts or images fetched from anywhere) and `junit.xml`.
+//! scripts, fonts or images fetched from anywhere).
 
 use crate::report::RunResults;
 use pinlab_scenarios::plan::Proc;
-use pinlab_scenarios::results::{CellResult, NOT_RUN};
-use pinlab_scenarios::spec::Scenario;
+use pinlab_scenarios::results::CellResult;
 use pinlab_scenarios::{Flavor, Fs};
 use std::fmt::Write as _;
 
@@ -44,18 +43,18 @@ fn cell_html(c: Option<&CellResult>, colspan: usize) -> String {
             let extra = if c.pass {
                 String::new()
             } else {
-                format!("<br><span class=\"small\">expected {}</span>", esc(&c.expected_verdict()))
+                format!("<br><span class=\"small\">expected {}</span>", esc(c.expected_verdict().as_str()))
             };
             format!(
                 "<td class=\"{class}\" colspan=\"{colspan}\"{title}>{mark} <span class=\"mono\">{}</span>{extra}</td>",
-                esc(&c.verdict())
+                esc(c.verdict().as_str())
             )
         }
     }
 }
 
 /// The whole page.
-pub fn render(specs: &[Scenario], r: &RunResults) -> String {
+pub fn render(r: &RunResults) -> String {
     let mut s = String::new();
     let passed = r.results.iter().filter(|c| c.pass).count();
     let _ = write!(
@@ -72,7 +71,15 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
         accel = esc(&r.accel),
         wall = r.wall_s
     );
-    // The matrix.
+    matrix(&mut s, r);
+    scenarios(&mut s, r);
+    boots(&mut s, r);
+    s.push_str("<p class=\"small\">Made by pinlab (<code>cargo xtask run demo</code>). Expected outcomes are the data in tests/scenarios/*.yaml; actual outcomes are the errno or bytes the guest observed.</p>\n</body></html>\n");
+    s
+}
+
+/// The matrix: a row per scenario, a cell per flavor and filesystem.
+fn matrix(s: &mut String, r: &RunResults) {
     let _ = write!(
         s,
         "<h2>The matrix</h2>\n<p class=\"small\">Each cell: what the kernel answered at the step that decides the scenario \
@@ -80,7 +87,7 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
          <table id=\"matrix\"><thead><tr><th rowspan=\"2\">scenario</th><th colspan=\"2\">stock 6.12</th><th colspan=\"2\">patched 6.12</th></tr>\
          <tr><th>ext4</th><th>xfs</th><th>ext4</th><th>xfs</th></tr></thead><tbody>\n"
     );
-    for sp in specs {
+    for sp in &r.scenarios {
         let _ = write!(
             s,
             "<tr data-scenario=\"{id}\"><td><a href=\"#{id}\"><b>{id}</b></a> {title}</td>",
@@ -99,10 +106,12 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
         s.push_str("</tr>\n");
     }
     s.push_str("</tbody></table>\n");
+}
 
-    // Per scenario.
+/// Per scenario: the story, then each cell's timeline of steps by process.
+fn scenarios(s: &mut String, r: &RunResults) {
     s.push_str("<h2>The scenarios</h2>\n");
-    for sp in specs {
+    for sp in &r.scenarios {
         let _ = write!(
             s,
             "<section id=\"{id}\"><h3>{id} — {title}</h3>\n<p class=\"shows\">{shows}</p>\n<p>{story}</p>\n",
@@ -115,7 +124,7 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
             let _ = writeln!(s, "<p class=\"small\"><b>From the 2019 discussion:</b> {}</p>", esc(sp.reference.trim()));
         }
         let procs: Vec<Proc> = {
-            let mut v: Vec<Proc> = sp.steps.iter().map(|st| st.by).collect();
+            let mut v: Vec<Proc> = sp.steps.iter().map(|(_, by)| *by).collect();
             v.sort();
             v.dedup();
             v
@@ -136,8 +145,8 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
                 let _ = write!(s, "<th>{}</th>", p.name());
             }
             s.push_str("<th>expected</th><th>actual</th></tr>\n");
-            for (i, (st, spec_step)) in c.steps.iter().zip(&sp.steps).enumerate() {
-                let class = if st.actual == NOT_RUN && st.expected == NOT_RUN {
+            for (i, (st, (_, by))) in c.steps.iter().zip(&sp.steps).enumerate() {
+                let class = if !st.actual.ran() && !st.expected.ran() {
                     "none"
                 } else if st.pass {
                     "ok"
@@ -146,7 +155,7 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
                 };
                 let _ = write!(s, "<tr><td>{}</td>", i + 1);
                 for p in &procs {
-                    if *p == spec_step.by {
+                    if p == by {
                         let detail = if st.detail.is_empty() {
                             String::new()
                         } else {
@@ -160,8 +169,8 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
                 let _ = writeln!(
                     s,
                     "<td class=\"mono\">{}</td><td class=\"{class} mono\">{}</td></tr>",
-                    esc(&st.expected),
-                    esc(&st.actual)
+                    esc(st.expected.as_str()),
+                    esc(st.actual.as_str())
                 );
             }
             s.push_str("</table>\n");
@@ -172,11 +181,14 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
         }
         s.push_str("</section>\n");
     }
+}
 
-    // Boots.
+/// The boots: kernel, timings, fsck, selftests, problems.
+fn boots(s: &mut String, r: &RunResults) {
     s.push_str("<h2>The boots</h2>\n<table><tr><th>kernel / fs</th><th>uname -r</th><th>wall</th><th>to runner</th><th>fsck</th><th>selftests</th><th>console</th><th>problems</th></tr>\n");
     for b in &r.boots {
-        let problems: Vec<String> = b.failure.iter().cloned().chain(b.splats.iter().cloned()).collect();
+        let problems: Vec<String> =
+            b.failure.iter().cloned().chain(b.splats.iter().map(crate::report::splat_line)).collect();
         let _ = writeln!(
             s,
             "<tr><td>{}/{}</td><td class=\"mono\">{}</td><td>{:.1} s</td><td>{}</td><td class=\"small\">{}</td><td class=\"small\">{}</td><td><a href=\"{c}\">{c}</a></td><td class=\"{}\">{}</td></tr>",
@@ -185,167 +197,12 @@ pub fn render(specs: &[Scenario], r: &RunResults) -> String {
             esc(&b.kernel),
             b.wall_s,
             b.to_runner_s.map(|t| format!("{t:.1} s")).unwrap_or_else(|| "—".into()),
-            esc(b.fsck.as_deref().unwrap_or("—")),
-            {
-                let count = |o: &str| b.selftests.iter().filter(|t| t.ends_with(&format!(": {o}"))).count();
-                if b.selftests.is_empty() {
-                    "—".to_string()
-                } else {
-                    format!("{} ok, {} skipped, {} failed", count("ok"), count("skip"), count("fail"))
-                }
-            },
+            esc(&b.fsck.as_ref().map(crate::report::step_line).unwrap_or_else(|| "—".into())),
+            b.selftest_summary(),
             if problems.is_empty() { "ok" } else { "bad" },
             if problems.is_empty() { "none".to_string() } else { esc(&problems.join("; ")) },
             c = esc(&b.console)
         );
     }
-    s.push_str("</table>\n<p class=\"small\">Made by pinlab (<code>cargo xtask run demo</code>). Expected outcomes are the data in tests/scenarios/*.yaml; actual outcomes are the errno or bytes the guest observed.</p>\n</body></html>\n");
-    s
-}
-
-/// `junit.xml`: one testcase per scenario × flavor × filesystem.
-pub fn junit(specs: &[Scenario], r: &RunResults) -> String {
-    // A cell whose boot died (deadline, crash, QEMU failing) is an <error>:
-    // the test could not give its answer. A wrong answer is a <failure>.
-    let boot_failure = |c: &CellResult| -> Option<String> {
-        if let Some(why) = &c.not_run {
-            return Some(format!("not run: {why}"));
-        }
-        // Only the infrastructure's failures: a splat, a failed selftest or
-        // fsck is the kernel's answer, reported as a <failure>.
-        r.boots.iter().find(|b| b.flavor == c.flavor && b.fs == c.fs && b.infra).and_then(|b| b.failure.clone())
-    };
-    let errors = r.results.iter().filter(|c| !c.pass && boot_failure(c).is_some()).count();
-    let failures = r.results.iter().filter(|c| !c.pass).count() - errors;
-    let mut s = String::new();
-    let _ = writeln!(s, "<?xml version=\"1.0\" encoding=\"UTF-8\"?>");
-    let _ = writeln!(
-        s,
-        "<testsuites name=\"pinlab\" tests=\"{}\" failures=\"{failures}\" errors=\"{errors}\" time=\"{:.3}\">",
-        r.results.len(),
-        r.wall_s
-    );
-    let _ = writeln!(
-        s,
-        "  <testsuite name=\"pinlab.{}\" tests=\"{}\" failures=\"{failures}\" errors=\"{errors}\">",
-        esc(&r.run_id),
-        r.results.len()
-    );
-    for c in &r.results {
-        let title = specs.iter().find(|sp| sp.id == c.scenario).map(|sp| sp.title.as_str()).unwrap_or("");
-        let _ = write!(
-            s,
-            "    <testcase classname=\"pinlab.{}.{}\" name=\"{} {}\" time=\"{:.3}\"",
-            c.flavor,
-            c.fs,
-            esc(&c.scenario),
-            esc(title),
-            c.ms / 1000.0
-        );
-        if c.pass {
-            s.push_str("/>\n");
-        } else if let Some(why) = boot_failure(c) {
-            let _ = writeln!(
-                s,
-                ">\n      <error message=\"{}\">{}</error>\n    </testcase>",
-                esc(why.lines().next().unwrap_or("")),
-                esc(&why)
-            );
-        } else {
-            let body: Vec<String> = c
-                .steps
-                .iter()
-                .map(|st| {
-                    format!(
-                        "{} {}: expected {}, got {} ({})",
-                        if st.pass { "ok  " } else { "FAIL" },
-                        st.name,
-                        st.expected,
-                        st.actual,
-                        st.detail
-                    )
-                })
-                .chain(c.isolation.iter().map(|i| format!("isolation: {i}")))
-                .collect();
-            let _ = writeln!(
-                s,
-                ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>",
-                esc(&c.headline()),
-                esc(&body.join("\n"))
-            );
-        }
-    }
-    s.push_str("  </testsuite>\n</testsuites>\n");
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::report::BootRecord;
-    use pinlab_scenarios::results::StepCheck;
-
-    fn cell(flavor: Flavor, fs: Fs, pass: bool, not_run: Option<&str>) -> CellResult {
-        CellResult {
-            scenario: "S02".into(),
-            flavor,
-            fs,
-            pass,
-            steps: vec![StepCheck {
-                name: "reg".into(),
-                expected: "EPERM".into(),
-                actual: if pass { "EPERM".into() } else { "ok".into() },
-                detail: String::new(),
-                pass,
-                ms: 1.0,
-            }],
-            ms: 1.0,
-            isolation: None,
-            not_run: not_run.map(String::from),
-        }
-    }
-
-    fn boot(flavor: Flavor, fs: Fs, failure: Option<&str>) -> BootRecord {
-        BootRecord {
-            flavor,
-            fs,
-            kernel: String::new(),
-            kernel_key: String::new(),
-            wall_s: 0.0,
-            to_runner_s: None,
-            console: String::new(),
-            splats: vec![],
-            failure: failure.map(String::from),
-            infra: failure.is_some(),
-            setup: vec![],
-            fsck: None,
-            selftests: vec![],
-        }
-    }
-
-    #[test]
-    fn junit_tells_a_dead_boot_from_a_wrong_answer() {
-        let r = RunResults {
-            run_id: "x".into(),
-            accel: "tcg".into(),
-            results: vec![
-                cell(Flavor::Stock, Fs::Ext4, true, None),
-                cell(Flavor::Patched, Fs::Ext4, false, None),
-                cell(Flavor::Patched, Fs::Xfs, false, Some("watchdog: no progress for 1m00s")),
-            ],
-            boots: vec![
-                boot(Flavor::Stock, Fs::Ext4, None),
-                boot(Flavor::Patched, Fs::Ext4, None),
-                boot(Flavor::Patched, Fs::Xfs, Some("watchdog: no progress for 1m00s")),
-            ],
-            wall_s: 1.0,
-            pass: false,
-            provenance: Default::default(),
-        };
-        let x = junit(&[], &r);
-        assert!(x.contains("tests=\"3\" failures=\"1\" errors=\"1\""), "{x}");
-        assert!(x.contains("<failure message=\"reg: expected EPERM, got ok\">"), "{x}");
-        assert!(x.contains("<error message=\"not run: watchdog: no progress for 1m00s\">"), "{x}");
-        assert!(!x.contains("got missing"), "{x}");
-    }
+    s.push_str("</table>\n");
 }

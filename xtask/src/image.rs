@@ -39,14 +39,14 @@ pub fn parse_lock(text: &str) -> Result<Vec<(String, String)>> {
 /// The names in image/packages.txt.
 pub fn wanted_packages() -> Result<Vec<String>> {
     let p = util::project_root().join("image/packages.txt");
-    let text = std::fs::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
+    let text = fs_err::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect())
 }
 
 /// The text of image/packages.lock.
 pub fn read_lock() -> Result<String> {
     let p = util::project_root().join("image/packages.lock");
-    std::fs::read_to_string(&p)
+    fs_err::read_to_string(&p)
         .with_context(|| format!("Failed to read {} (create it with `cargo xtask image --update-lock`)", p.display()))
 }
 
@@ -71,7 +71,7 @@ pub fn update_lock(cache: &Cache) -> Result<()> {
 }
 
 fn overlay_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for e in std::fs::read_dir(dir).with_context(|| format!("Failed to read {}", dir.display()))? {
+    for e in fs_err::read_dir(dir).with_context(|| format!("Failed to read {}", dir.display()))? {
         let p = e?.path();
         if p.is_dir() {
             overlay_files(&p, out)?;
@@ -89,9 +89,9 @@ pub fn build_demos() -> Result<PathBuf> {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(util::project_root()).args(["build", "--release", "--quiet", "-p", "pinlab-demos"]);
     let log = util::target_dir().join("demos-build.log");
-    std::fs::create_dir_all(util::target_dir())
+    fs_err::create_dir_all(util::target_dir())
         .with_context(|| format!("Failed to create {}", util::target_dir().display()))?;
-    let _ = std::fs::remove_file(&log);
+    let _ = fs_err::remove_file(&log);
     util::run_logged(c, &log, |_| {}).context("Failed to build the demos (sideway needs cmake and libclang-dev)")?;
     pb.finish_and_clear();
     eprintln!("demos: built in {}", util::since(t));
@@ -123,7 +123,7 @@ const MANIFEST: &str = ".pinlab-manifest";
 /// What is missing or empty in `rootfs` (nothing: it is usable).
 pub fn rootfs_problems(rootfs: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    match std::fs::read_to_string(rootfs.join(MANIFEST)) {
+    match fs_err::read_to_string(rootfs.join(MANIFEST)) {
         Ok(_) => {}
         Err(_) => out.push(format!("no {MANIFEST} (an interrupted build?)")),
     }
@@ -136,11 +136,11 @@ pub fn rootfs_problems(rootfs: &Path) -> Vec<String> {
                     None => return false,
                 };
                 let stem = stem.unwrap_or_default();
-                std::fs::read_dir(dir)
+                fs_err::read_dir(dir)
                     .map(|rd| rd.filter_map(|e| e.ok()).any(|e| e.file_name().to_string_lossy().starts_with(&stem)))
                     .unwrap_or(false)
             } else {
-                std::fs::metadata(&p).map(|m| m.len() > 0).unwrap_or(false)
+                fs_err::metadata(&p).map(|m| m.len() > 0).unwrap_or(false)
             }
         });
         if !ok {
@@ -158,7 +158,7 @@ fn rootfs_key(packages: &[(String, String)], overlay: &[PathBuf]) -> Result<Stri
     h.part("recipe", RECIPE.as_bytes()).part("packages", set.concat().as_bytes());
     for f in overlay {
         let rel = f.strip_prefix(&root).unwrap_or(f).display().to_string();
-        h.part(&rel, &std::fs::read(f).with_context(|| format!("Failed to read {}", f.display()))?);
+        h.part(&rel, &fs_err::read(f).with_context(|| format!("Failed to read {}", f.display()))?);
     }
     Ok(h.finish())
 }
@@ -214,7 +214,7 @@ pub fn with_demos(cache: &Cache, base: &Path, bins: &Path) -> Result<PathBuf> {
     let mut h = KeyHasher::default();
     for b in DEMO_BINS {
         let p = bins.join(b);
-        h.part(b, &std::fs::read(&p).with_context(|| format!("Failed to read demo {}", p.display()))?);
+        h.part(b, &fs_err::read(&p).with_context(|| format!("Failed to read demo {}", p.display()))?);
     }
     let base_key = base.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let dest = cache.dir("rootfs-demos")?.join(format!("{base_key}-{}", h.finish()));
@@ -227,19 +227,19 @@ pub fn with_demos(cache: &Cache, base: &Path, bins: &Path) -> Result<PathBuf> {
     cp.arg("-al").arg(base).arg(&staging);
     util::output(cp).context("Failed to hard-link the rootfs (cp -al)")?;
     let bin_dir = staging.join("usr/local/bin");
-    std::fs::create_dir_all(&bin_dir).with_context(|| format!("Failed to create {}", bin_dir.display()))?;
+    fs_err::create_dir_all(&bin_dir).with_context(|| format!("Failed to create {}", bin_dir.display()))?;
     for b in DEMO_BINS {
         let src = bins.join(b);
         let dst = bin_dir.join(b);
-        let _ = std::fs::remove_file(&dst);
-        std::fs::copy(&src, &dst)
+        let _ = fs_err::remove_file(&dst);
+        fs_err::copy(&src, &dst)
             .with_context(|| format!("Failed to copy demo {} to {}", src.display(), dst.display()))?;
     }
     // The manifest is a hard link too: replace it so the base stays as it was.
     let m = staging.join(MANIFEST);
-    let text = std::fs::read_to_string(&m).unwrap_or_default();
-    let _ = std::fs::remove_file(&m);
-    std::fs::write(&m, format!("{text}demos {}\n", h.finish()))
+    let text = fs_err::read_to_string(&m).unwrap_or_default();
+    let _ = fs_err::remove_file(&m);
+    fs_err::write(&m, format!("{text}demos {}\n", h.finish()))
         .with_context(|| format!("Failed to write {}", m.display()))?;
     util::publish_dir(&staging, &dest)?;
     Ok(dest)
@@ -255,7 +255,7 @@ pub fn build(cache: &Cache, sources: &Sources) -> Result<PathBuf> {
 fn assemble(debs: &[PathBuf], overlay: &[PathBuf], rootfs: &Path) -> Result<()> {
     let t = Instant::now();
     let staging = util::staging_path(rootfs);
-    let mkdir = |d: &Path| std::fs::create_dir_all(d).with_context(|| format!("Failed to create {}", d.display()));
+    let mkdir = |d: &Path| fs_err::create_dir_all(d).with_context(|| format!("Failed to create {}", d.display()));
     mkdir(&staging.join("usr"))?;
     // Debian 13 is merged-/usr: the top-level dirs are symlinks into /usr.
     for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
@@ -277,8 +277,8 @@ fn assemble(debs: &[PathBuf], overlay: &[PathBuf], rootfs: &Path) -> Result<()> 
         if let Some(parent) = dst.parent() {
             mkdir(parent)?;
         }
-        let _ = std::fs::remove_file(&dst);
-        std::fs::copy(f, &dst).with_context(|| format!("Failed to copy overlay file {}", f.display()))?;
+        let _ = fs_err::remove_file(&dst);
+        fs_err::copy(f, &dst).with_context(|| format!("Failed to copy overlay file {}", f.display()))?;
     }
     for d in ["proc", "sys", "dev", "run", "tmp", "mnt", "pinlab", "root", "var/tmp"] {
         mkdir(&staging.join(d))?;
@@ -290,7 +290,7 @@ fn assemble(debs: &[PathBuf], overlay: &[PathBuf], rootfs: &Path) -> Result<()> 
     }
     let names: Vec<String> =
         debs.iter().map(|d| d.file_name().unwrap_or_default().to_string_lossy().into_owned() + "\n").collect();
-    std::fs::write(staging.join(MANIFEST), names.concat())
+    fs_err::write(staging.join(MANIFEST), names.concat())
         .with_context(|| format!("Failed to write {}", staging.join(MANIFEST).display()))?;
     let problems = rootfs_problems(&staging);
     if !problems.is_empty() {
@@ -350,7 +350,7 @@ mod tests {
     #[test]
     fn shipped_lock_covers_the_wanted_packages() {
         let lock =
-            parse_lock(&std::fs::read_to_string(util::project_root().join("image/packages.lock")).unwrap()).unwrap();
+            parse_lock(&fs_err::read_to_string(util::project_root().join("image/packages.lock")).unwrap()).unwrap();
         for w in wanted_packages().unwrap() {
             assert!(lock.iter().any(|(n, _)| *n == w), "{w} is in packages.txt but not in packages.lock");
         }

@@ -48,7 +48,7 @@ pub const SELFTEST_DIRS: &[&str] = &["tools/testing/selftests/filesystems/layout
 fn build_selftests(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, out: &Path) -> Result<()> {
     let mut sources = Vec::new();
     for d in SELFTEST_DIRS {
-        let Ok(rd) = std::fs::read_dir(srctree.join(d)) else { continue };
+        let Ok(rd) = fs_err::read_dir(srctree.join(d)) else { continue };
         for e in rd {
             let p = e?.path();
             if p.extension().and_then(|x| x.to_str()) == Some("c") {
@@ -60,7 +60,7 @@ fn build_selftests(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, 
         return Ok(());
     }
     util::run_logged(make(cache, srctree, build_dir, &["headers"]), log, |_| {}).context("Failed to make headers")?;
-    std::fs::create_dir_all(out).with_context(|| format!("Failed to create {}", out.display()))?;
+    fs_err::create_dir_all(out).with_context(|| format!("Failed to create {}", out.display()))?;
     for src in sources {
         let name = src.file_stem().unwrap_or_default().to_string_lossy().into_owned();
         let mut cc = Command::new("gcc");
@@ -75,7 +75,7 @@ fn build_selftests(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, 
 }
 
 fn selftests_in(out_dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(out_dir.join("selftests"))
+    let mut v: Vec<PathBuf> = fs_err::read_dir(out_dir.join("selftests"))
         .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| util::is_executable(p)).collect())
         .unwrap_or_default();
     v.sort();
@@ -167,10 +167,10 @@ pub fn dropped_options(wants: &BTreeMap<String, Want>, config: &str) -> Vec<(Wan
 pub fn read_fragments() -> Result<Vec<(String, String)>> {
     let dir = util::project_root().join("kernel-config");
     let mut out = Vec::new();
-    for e in std::fs::read_dir(&dir).with_context(|| format!("Failed to read {}", dir.display()))? {
+    for e in fs_err::read_dir(&dir).with_context(|| format!("Failed to read {}", dir.display()))? {
         let p = e?.path();
         if p.extension().and_then(|x| x.to_str()) == Some("config") {
-            let text = std::fs::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
+            let text = fs_err::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
             out.push((format!("kernel-config/{}", p.file_name().unwrap_or_default().to_string_lossy()), text));
         }
     }
@@ -185,7 +185,7 @@ pub fn read_fragments() -> Result<Vec<(String, String)>> {
 pub fn read_series() -> Result<Vec<(String, Vec<u8>)>> {
     let dir = util::project_root().join("kernel-patches");
     let series = dir.join("series");
-    let text = match std::fs::read_to_string(&series) {
+    let text = match fs_err::read_to_string(&series) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("Failed to read {}", series.display())),
@@ -197,7 +197,7 @@ pub fn read_series() -> Result<Vec<(String, Vec<u8>)>> {
             continue;
         }
         let p = dir.join(l);
-        let bytes = std::fs::read(&p)
+        let bytes = fs_err::read(&p)
             .with_context(|| format!("kernel-patches/series:{}: cannot read {}", i + 1, p.display()))?;
         out.push((l.to_string(), bytes));
     }
@@ -231,8 +231,8 @@ pub fn debian_source(cache: &Cache, sources: &Sources) -> Result<PathBuf> {
     let deb = sources.kernel_deb(cache)?;
     pb.set_message(format!("kernel source: extracting {}", deb.display()));
     let tmp = util::staging_path(&tree);
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("Failed to create {}", tmp.display()))?;
+    let _ = fs_err::remove_dir_all(&tmp);
+    fs_err::create_dir_all(&tmp).with_context(|| format!("Failed to create {}", tmp.display()))?;
     // dpkg-deb -x gives usr/src/linux-source-6.12.tar.xz; unpack that next to it.
     let mut x = Command::new("dpkg-deb");
     x.arg("-x").arg(&deb).arg(&tmp);
@@ -246,9 +246,9 @@ pub fn debian_source(cache: &Cache, sources: &Sources) -> Result<PathBuf> {
         bail!("{} has no Makefile after extraction", extracted.display());
     }
     let done = extracted.join(".pinlab-complete");
-    std::fs::write(&done, version).with_context(|| format!("Failed to write {}", done.display()))?;
+    fs_err::write(&done, version).with_context(|| format!("Failed to write {}", done.display()))?;
     util::publish_dir(&extracted, &tree)?;
-    let _ = std::fs::remove_dir_all(&tmp);
+    let _ = fs_err::remove_dir_all(&tmp);
     pb.finish_and_clear();
     eprintln!("kernel source: {} ready in {}", tree.display(), util::since(t));
     Ok(tree)
@@ -268,7 +268,7 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
     let version = &sources.kernel_version;
     let tree = cache.dir("trees")?.join(name);
     let stamp = tree.join(".git/pinlab-base");
-    let old = match std::fs::read_to_string(&stamp) {
+    let old = match fs_err::read_to_string(&stamp) {
         Ok(v) if v.trim() == version => return Ok(tree),
         Ok(v) => Some(v.trim().to_string()),
         Err(_) => None,
@@ -280,7 +280,7 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
         let dirty = util::output(git(&tree, &["status", "--porcelain", "--untracked-files=no"])).unwrap_or_default();
         if name == "edit" && (own.trim() != "0" || !dirty.trim().is_empty()) {
             let aside = tree.with_file_name(format!("edit-{old}"));
-            std::fs::rename(&tree, &aside)
+            fs_err::rename(&tree, &aside)
                 .with_context(|| format!("Failed to move {} to {}", tree.display(), aside.display()))?;
             eprintln!(
                 "trees/edit: its base is {old}, the source is now {version}; your edit tree (with its commits) is kept \
@@ -294,7 +294,7 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
         // make would keep every one whose source file looks older.
         let build = cache.root.join("build").join(name);
         if build.exists() {
-            std::fs::remove_dir_all(&build).with_context(|| format!("Failed to remove {}", build.display()))?;
+            fs_err::remove_dir_all(&build).with_context(|| format!("Failed to remove {}", build.display()))?;
         }
     }
     let pristine = debian_source(cache, sources)?;
@@ -303,13 +303,13 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
     let mut cp = Command::new("cp");
     cp.arg("-a").arg(&pristine).arg(&staging);
     util::output(cp)?;
-    let _ = std::fs::remove_file(staging.join(".pinlab-complete"));
+    let _ = fs_err::remove_file(staging.join(".pinlab-complete"));
     // Debian's linux-source ships a .gitignore that ignores everything at the
     // top level ("/*", "!/debian/"); drop those two lines so git sees the tree.
     let gi = staging.join(".gitignore");
-    if let Ok(text) = std::fs::read_to_string(&gi) {
+    if let Ok(text) = fs_err::read_to_string(&gi) {
         let kept: Vec<&str> = text.lines().filter(|l| *l != "/*" && *l != "!/debian/").collect();
-        std::fs::write(&gi, kept.join("\n") + "\n").with_context(|| format!("Failed to write {}", gi.display()))?;
+        fs_err::write(&gi, kept.join("\n") + "\n").with_context(|| format!("Failed to write {}", gi.display()))?;
     }
     util::output(git(&staging, &["init", "-q"]))?;
     util::output(git(&staging, &["add", "-A"]))?;
@@ -327,7 +327,7 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
         }
     }
     let st = staging.join(".git/pinlab-base");
-    std::fs::write(&st, version).with_context(|| format!("Failed to write {}", st.display()))?;
+    fs_err::write(&st, version).with_context(|| format!("Failed to write {}", st.display()))?;
     util::publish_dir(&staging, &tree)?;
     pb.finish_and_clear();
     Ok(tree)
@@ -346,7 +346,7 @@ pub fn apply_patch(tree: &Path, name: &str) -> Result<()> {
     am.arg(util::project_root().join("kernel-patches").join(name));
     if let Err(e) = util::output(am) {
         util::output(git(tree, &["am", "--abort"])).ok();
-        let base = std::fs::read_to_string(tree.join(".git/pinlab-base")).unwrap_or_default();
+        let base = fs_err::read_to_string(tree.join(".git/pinlab-base")).unwrap_or_default();
         return Err(e).with_context(|| {
             format!(
                 "kernel-patches/{name} does not apply to {SOURCE_PACKAGE} {} even with a 3-way merge. \
@@ -394,7 +394,7 @@ pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)], sources: &Sourc
         series.iter().map(|(n, b)| format!("{n} {}", KeyHasher::default().part(n, b).finish())).collect();
     let stamp = tree.join(".git/pinlab-series");
     let applied: Vec<String> =
-        std::fs::read_to_string(&stamp).map(|t| t.lines().map(String::from).collect()).unwrap_or_default();
+        fs_err::read_to_string(&stamp).map(|t| t.lines().map(String::from).collect()).unwrap_or_default();
     if applied == keys {
         return Ok(tree);
     }
@@ -406,7 +406,7 @@ pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)], sources: &Sourc
         reset_to_base(&tree)?;
         0
     };
-    let _ = std::fs::remove_file(&stamp);
+    let _ = fs_err::remove_file(&stamp);
     for (name, _) in &series[start..] {
         apply_patch(&tree, name)?;
     }
@@ -439,12 +439,12 @@ pub fn configure(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, la
     // What scripts/kconfig/merge_config.sh -m does, without a shell (it
     // splits paths with spaces): each fragment option replaces the base's.
     let cfg_path = build_dir.join(".config");
-    let base = std::fs::read_to_string(&cfg_path).with_context(|| format!("Failed to read {}", cfg_path.display()))?;
+    let base = fs_err::read_to_string(&cfg_path).with_context(|| format!("Failed to read {}", cfg_path.display()))?;
     util::write_atomic(&cfg_path, merge_config(&base, &fragments).as_bytes())?;
     util::run_logged(make(cache, srctree, build_dir, &["olddefconfig"]), log, |_| {})
         .context("Failed to make olddefconfig")?;
     pb.finish_and_clear();
-    let config = std::fs::read_to_string(build_dir.join(".config"))
+    let config = fs_err::read_to_string(build_dir.join(".config"))
         .with_context(|| format!("Failed to read {}", build_dir.join(".config").display()))?;
     let dropped = dropped_options(&wants, &config);
     if !dropped.is_empty() {
@@ -497,7 +497,7 @@ pub fn merge_config(base: &str, fragments: &[(String, String)]) -> String {
 pub fn compile(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, label: &str) -> Result<u64> {
     let count_file = build_dir.join(".pinlab-objects");
     let expected =
-        std::fs::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(DEFAULT_OBJECTS);
+        fs_err::read_to_string(&count_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(DEFAULT_OBJECTS);
     let pb = ui::bar(expected, format!("{label}: compiling"));
     let mut n = 0u64;
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
@@ -547,7 +547,7 @@ struct Manifest {
 
 /// Why a cached kernel cannot be used (nothing: it can).
 fn kernel_problems(out_dir: &Path, key: &str) -> Option<String> {
-    let m: Manifest = match std::fs::read(out_dir.join("manifest.json")) {
+    let m: Manifest = match fs_err::read(out_dir.join("manifest.json")) {
         Err(_) => return Some("no manifest.json (an interrupted build?)".into()),
         Ok(b) => match serde_json::from_slice(&b) {
             Ok(m) => m,
@@ -558,7 +558,7 @@ fn kernel_problems(out_dir: &Path, key: &str) -> Option<String> {
         return Some(format!("manifest.json is for key {}, not {key}", m.key));
     }
     let bz = out_dir.join("bzImage");
-    let bytes = match std::fs::read(&bz) {
+    let bytes = match fs_err::read(&bz) {
         Ok(b) => b,
         Err(e) => return Some(format!("bzImage unreadable: {e}")),
     };
@@ -684,9 +684,9 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) 
         (None, Flavor::Patched) => patched_tree(cache, &series, sources)?,
     };
     let build_dir = cache.dir("build")?.join(&build_name);
-    std::fs::create_dir_all(&build_dir).with_context(|| format!("Failed to create {}", build_dir.display()))?;
+    fs_err::create_dir_all(&build_dir).with_context(|| format!("Failed to create {}", build_dir.display()))?;
     let log = build_dir.join("pinlab-build.log");
-    let _ = std::fs::remove_file(&log);
+    let _ = fs_err::remove_file(&log);
     let t = Instant::now();
     eprintln!("kernel {flavor}: building in {} (log: {})", build_dir.display(), log.display());
 
@@ -694,9 +694,9 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) 
     let n = compile(cache, &srctree, &build_dir, &log, &format!("kernel {flavor}"))?;
     let built = build_dir.join("arch/x86/boot/bzImage");
     let staging = util::staging_path(&out_dir);
-    std::fs::create_dir_all(&staging).with_context(|| format!("Failed to create {}", staging.display()))?;
+    fs_err::create_dir_all(&staging).with_context(|| format!("Failed to create {}", staging.display()))?;
     let copy = |from: &Path, to: &Path| {
-        std::fs::copy(from, to).with_context(|| format!("Failed to copy {} to {}", from.display(), to.display()))
+        fs_err::copy(from, to).with_context(|| format!("Failed to copy {} to {}", from.display(), to.display()))
     };
     let size = copy(&built, &staging.join("bzImage"))?;
     copy(&build_dir.join(".config"), &staging.join("config"))?;
@@ -711,7 +711,7 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) 
             .filter_map(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
             .collect(),
     };
-    if let Some(p) = std::fs::read(staging.join("bzImage")).map(|b| bzimage_problem(&b)).unwrap_or(None) {
+    if let Some(p) = fs_err::read(staging.join("bzImage")).map(|b| bzimage_problem(&b)).unwrap_or(None) {
         bail!("kernel {flavor}: the build in {} produced a bad bzImage: {p}", build_dir.display());
     }
     util::write_atomic(&staging.join("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
@@ -772,6 +772,9 @@ mod tests {
         let mut g = f.clone();
         g[1].1.push_str("CONFIG_SMP=y\n");
         assert_ne!(k1, cache_key("debian:x", &[], &g));
+        // Pinned: a change to the hashing or the build recipe renames every
+        // cached kernel, so it must be a conscious one (update this value).
+        assert_eq!(k1, "98656755906ae79c");
     }
 
     #[test]
@@ -799,13 +802,13 @@ mod tests {
         assert!(kernel_problems(d.path(), "k").unwrap().contains("manifest"));
         let mut img = vec![0u8; 8192];
         img[0x202..0x206].copy_from_slice(b"HdrS");
-        std::fs::write(d.path().join("bzImage"), &img).unwrap();
+        fs_err::write(d.path().join("bzImage"), &img).unwrap();
         let m = Manifest { key: "k".into(), source: "s".into(), bzimage_size: 8192, selftests: vec![] };
-        std::fs::write(d.path().join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        fs_err::write(d.path().join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
         assert_eq!(kernel_problems(d.path(), "k"), None);
         assert!(kernel_problems(d.path(), "other").unwrap().contains("key"));
         // Truncated to 0 bytes after the build: rebuilt, not "cached".
-        std::fs::write(d.path().join("bzImage"), b"").unwrap();
+        fs_err::write(d.path().join("bzImage"), b"").unwrap();
         assert!(kernel_problems(d.path(), "k").unwrap().contains("0 bytes"));
     }
 

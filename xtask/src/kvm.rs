@@ -138,12 +138,12 @@ pub fn probe() -> Verdict {
 
 /// Open `path` read/write (and close it again), as QEMU and the probe will.
 pub fn open_rw(path: &Path) -> DevKvm {
-    let err = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+    let err = match fs_err::OpenOptions::new().read(true).write(true).open(path) {
         Ok(_) => return DevKvm::Opens,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return DevKvm::Missing,
         Err(e) => e,
     };
-    let meta = std::fs::metadata(path).ok();
+    let meta = fs_err::metadata(path).ok();
     DevKvm::OpenFailed {
         errno: err.raw_os_error().unwrap_or(0),
         // SAFETY: geteuid has no preconditions and cannot fail.
@@ -420,10 +420,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(open_rw(&d.path().join("nope")), DevKvm::Missing);
         let f = d.path().join("kvm");
-        std::fs::write(&f, "").unwrap();
+        fs_err::write(&f, "").unwrap();
         assert_eq!(open_rw(&f), DevKvm::Opens);
         // Root opens anything; as any other user a mode-000 file is refused.
-        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
+        fs_err::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o000)).unwrap();
         // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             match open_rw(&f) {

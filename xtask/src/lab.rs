@@ -10,9 +10,9 @@
 
 use crate::host::{self, Need};
 use crate::kernel::{self, Kernel, Source};
+use crate::qemu::Accel;
 use crate::sources::{self, Provenance, Sources};
 use crate::util::{self, Cache};
-use crate::vm::Accel;
 use anyhow::{Context, Result};
 use pinlab_scenarios::Flavor;
 use std::path::PathBuf;
@@ -129,7 +129,7 @@ pub fn prepare(cache: &Cache, opts: &LabOpts) -> Result<Lab> {
         }
     })?;
     // Before the builds load both cores: the probe has a 2 s deadline.
-    let accel = timings.time("KVM probe", || Ok(crate::vm::choose_accel(opts.accel)))?;
+    let accel = timings.time("KVM probe", || Ok(choose_accel(opts.accel)))?;
 
     let side_failed = AtomicBool::new(false);
     let (built, side) = std::thread::scope(|sc| {
@@ -202,6 +202,21 @@ fn prefetch(cache: &Cache, sources: &Sources, flavors: &[Flavor], source: &Sourc
     c.current_dir(util::project_root()).args(["fetch", "--locked", "--quiet"]);
     util::output(c).context("Failed to fetch the workspace's crates (is crates.io reachable?)")?;
     Ok(())
+}
+
+/// The accelerator to use: the flag, else the KVM probe's verdict (printed).
+pub fn choose_accel(flag: Option<Accel>) -> Accel {
+    if let Some(a) = flag {
+        eprintln!("accel: {} (--accel)", a.name());
+        return a;
+    }
+    let v = crate::kvm::probe();
+    eprintln!("{}", v.describe());
+    if v.usable() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    }
 }
 
 #[cfg(test)]

@@ -3,12 +3,14 @@
 
 mod apt;
 mod bench;
+mod clean;
 mod cleanup;
 mod console;
 mod flags;
 mod host;
 mod html;
 mod image;
+mod junit;
 mod kernel;
 mod kvm;
 mod lab;
@@ -20,6 +22,7 @@ mod sources;
 mod test;
 mod ui;
 mod util;
+mod verdict;
 mod vm;
 
 use anyhow::Result;
@@ -101,6 +104,9 @@ fn real_main() -> Result<u8> {
             )?
             .code()
         }
+        flags::XtaskCmd::Report(r) => {
+            report::rerender(&r.dir.unwrap_or_else(|| util::target_dir().join("runs").join("latest"))).map(|()| 0)?
+        }
         flags::XtaskCmd::Shell(sh) => run::shell(
             &cache,
             sh.flavor.unwrap_or(pinlab_scenarios::Flavor::Stock),
@@ -114,7 +120,7 @@ fn real_main() -> Result<u8> {
             &cache,
             bench::BenchOpts { flavor: b.flavor, fss: b.fs, reps: b.reps, accel: b.accel, locked: b.locked },
         )?),
-        flags::XtaskCmd::Clean(c) => test::clean(&cache, c.all).map(|()| 0)?,
+        flags::XtaskCmd::Clean(c) => clean::clean(&cache, c.all).map(|()| 0)?,
         flags::XtaskCmd::KvmProbe(_) => kvm::child_main().map(|()| 0)?,
     })
 }

@@ -1,10 +1,39 @@
 //! The only place QEMU's command line is built: pure `*_args()` helpers, one
 //! per concern, each flag commented, unit-tested below.
 
-use crate::vm::Accel;
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+
+/// QEMU accelerator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl Accel {
+    /// `kvm` / `tcg`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::str::FromStr for Accel {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            _ => anyhow::bail!("unknown accelerator '{s}' (expected kvm or tcg)"),
+        }
+    }
+}
 
 /// The QEMU binary pinlab runs (package qemu-system-x86).
 pub const PROGRAM: &str = "qemu-system-x86_64";
@@ -205,9 +234,24 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a
 }
 
+/// The QEMU command for `spec`: `program` (normally [`PROGRAM`]; a script in
+/// tests) with [`args`].
+pub fn command(program: &Path, spec: &QemuSpec) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    c.args(args(spec));
+    c
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accel_parse() {
+        assert_eq!("kvm".parse::<Accel>().unwrap(), Accel::Kvm);
+        assert_eq!("tcg".parse::<Accel>().unwrap(), Accel::Tcg);
+        assert!("hvf".parse::<Accel>().is_err());
+    }
 
     fn spec(accel: Accel) -> QemuSpec {
         QemuSpec {

@@ -1,13 +1,20 @@
-//! Reports of a run: `results.json`, `report.md`, and the terminal table.
+//! Reports of a run: `results.json` (the record every other report is made
+//! from), `report.md`, and the terminal table. `cargo xtask report` renders
+//! them again from an earlier run's `results.json` alone.
 
-use pinlab_scenarios::results::{CellResult, NOT_RUN};
+use crate::console::Splat;
+use crate::vm::BootEnd;
+use anyhow::{Context, Result};
+use pinlab_scenarios::plan::Proc;
+use pinlab_scenarios::results::{CellResult, SelftestResult, StepResult, TapOutcome};
 use pinlab_scenarios::spec::Scenario;
 use pinlab_scenarios::{Flavor, Fs};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
+use std::path::Path;
 
 /// One boot, for the record.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BootRecord {
     /// Kernel flavor.
     pub flavor: Flavor,
@@ -23,29 +30,87 @@ pub struct BootRecord {
     pub to_runner_s: Option<f64>,
     /// Console log, relative to the run dir.
     pub console: String,
-    /// Kernel splats found on the console (`kind: line`).
-    pub splats: Vec<String>,
-    /// A boot-level failure (deadline, crash, missing results).
+    /// How the boot ended; `None` if it never started.
+    pub end: Option<BootEnd>,
+    /// Kernel splats found on the console.
+    pub splats: Vec<Splat>,
+    /// A boot-level failure, for people (deadline, crash, missing results, selftests, fsck).
     pub failure: Option<String>,
     /// The failure was the infrastructure's (deadline, QEMU, virtiofsd,
     /// set-up), not the kernel's.
-    #[serde(default)]
     pub infra: bool,
-    /// Guest setup steps: `name: outcome (detail)`.
-    pub setup: Vec<String>,
-    /// The end-of-boot filesystem check: `name: outcome (detail)`.
-    pub fsck: Option<String>,
-    /// kselftest results: `name: ok|skip|fail`.
-    pub selftests: Vec<String>,
+    /// Guest setup steps.
+    pub setup: Vec<StepResult>,
+    /// The end-of-boot filesystem check.
+    pub fsck: Option<StepResult>,
+    /// kselftest results.
+    pub selftests: Vec<SelftestResult>,
+}
+
+impl BootRecord {
+    /// `3 ok, 1 skipped, 0 failed`, or `—`.
+    pub fn selftest_summary(&self) -> String {
+        if self.selftests.is_empty() {
+            return "—".into();
+        }
+        let count = |o: TapOutcome| self.selftests.iter().filter(|t| t.outcome == o).count();
+        format!("{} ok, {} skipped, {} failed", count(TapOutcome::Ok), count(TapOutcome::Skip), count(TapOutcome::Fail))
+    }
+}
+
+/// `kind at console.log:N: text`.
+pub fn splat_line(s: &Splat) -> String {
+    format!("{} at console.log:{}: {}", s.kind, s.line, s.text)
+}
+
+/// `name: outcome (detail)`.
+pub fn step_line(s: &StepResult) -> String {
+    format!("{}: {} ({})", s.name, s.outcome, s.detail)
+}
+
+/// What the reports say about a scenario (from its spec, so that a run's
+/// reports can be made again from `results.json` alone).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScenarioDoc {
+    /// Id.
+    pub id: String,
+    /// Title.
+    pub title: String,
+    /// What a learner sees.
+    pub shows: String,
+    /// The story in plain words.
+    pub story: String,
+    /// Where the 2019 discussion argued it.
+    pub reference: String,
+    /// Whether it runs on each filesystem (else once per flavor).
+    pub uses_fs: bool,
+    /// Its steps: name and who runs it.
+    pub steps: Vec<(String, Proc)>,
+}
+
+impl From<&Scenario> for ScenarioDoc {
+    fn from(s: &Scenario) -> Self {
+        ScenarioDoc {
+            id: s.id.clone(),
+            title: s.title.clone(),
+            shows: s.shows.clone(),
+            story: s.story.clone(),
+            reference: s.reference.clone(),
+            uses_fs: s.uses_fs,
+            steps: s.steps.iter().map(|st| (st.name.clone(), st.by)).collect(),
+        }
+    }
 }
 
 /// `results.json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunResults {
     /// Run id (directory name).
     pub run_id: String,
     /// `kvm` or `tcg`.
     pub accel: String,
+    /// The scenarios run, in report order.
+    pub scenarios: Vec<ScenarioDoc>,
     /// Every cell compared.
     pub results: Vec<CellResult>,
     /// Every boot.
@@ -56,8 +121,39 @@ pub struct RunResults {
     pub pass: bool,
     /// The kernel source version and the exact rootfs package set used,
     /// with what drifted from the pins.
-    #[serde(default)]
     pub provenance: crate::sources::Provenance,
+}
+
+impl RunResults {
+    /// Read a run's `results.json`.
+    pub fn load(path: &Path) -> Result<RunResults> {
+        let text = fs_err::read_to_string(path).with_context(|| format!("Failed to read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| {
+            format!("{} is not a results file of this pinlab version (re-run to make one)", path.display())
+        })
+    }
+}
+
+/// Every report file of a run, from its results.
+pub fn files(r: &RunResults) -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("report.md", markdown(r).into_bytes()),
+        ("report.html", crate::html::render(r).into_bytes()),
+        ("junit.xml", crate::junit::junit(r).into_bytes()),
+    ]
+}
+
+/// `cargo xtask report [RUN-DIR]`: the reports of an earlier run, made again
+/// from its `results.json` (byte for byte what the run wrote).
+pub fn rerender(run_dir: &Path) -> Result<()> {
+    let r = RunResults::load(&run_dir.join("results.json"))?;
+    for (name, bytes) in files(&r) {
+        let p = run_dir.join(name);
+        fs_err::write(&p, bytes).with_context(|| format!("Failed to write {}", p.display()))?;
+        println!("{}", p.display());
+    }
+    println!("\n{}", table(&r));
+    Ok(())
 }
 
 /// One line on what the kernels and the rootfs were made from.
@@ -81,7 +177,7 @@ pub fn provenance_line(p: &crate::sources::Provenance) -> String {
     format!("{kernel}. Rootfs: {} Debian 13 packages, {drift}.", p.packages.len())
 }
 
-fn cell_fs(spec: &Scenario, fs: Fs) -> String {
+fn cell_fs(spec: &ScenarioDoc, fs: Fs) -> String {
     if spec.uses_fs {
         fs.to_string()
     } else {
@@ -92,7 +188,7 @@ fn cell_fs(spec: &Scenario, fs: Fs) -> String {
 /// The terminal table: scenario rows × (stock, patched) × (ext4, xfs)
 /// columns, each cell ✓/✗ with the errno actually observed (and, when it
 /// disagrees, the expected one), then the one line each scenario shows.
-pub fn table(specs: &[Scenario], r: &RunResults) -> String {
+pub fn table(r: &RunResults) -> String {
     const W: usize = 22;
     let mut s = String::new();
     let _ = write!(s, "{:<4}", "id");
@@ -102,7 +198,7 @@ pub fn table(specs: &[Scenario], r: &RunResults) -> String {
         }
     }
     s.push('\n');
-    for spec in specs {
+    for spec in &r.scenarios {
         let _ = write!(s, "{:<4}", spec.id);
         for fl in Flavor::ALL {
             for fs in Fs::ALL {
@@ -135,14 +231,14 @@ pub fn table(specs: &[Scenario], r: &RunResults) -> String {
             let _ = writeln!(s, "boot {}/{} FAILED: {f}", b.flavor, b.fs);
         }
         for sp in &b.splats {
-            let _ = writeln!(s, "boot {}/{} kernel splat: {sp}", b.flavor, b.fs);
+            let _ = writeln!(s, "boot {}/{} kernel splat: {}", b.flavor, b.fs, splat_line(sp));
         }
     }
     s
 }
 
 /// `report.md`.
-pub fn markdown(specs: &[Scenario], r: &RunResults) -> String {
+pub fn markdown(r: &RunResults) -> String {
     let mut s = String::new();
     let passed = r.results.iter().filter(|c| c.pass).count();
     let _ = writeln!(s, "# pinlab run {}\n", r.run_id);
@@ -156,7 +252,7 @@ pub fn markdown(specs: &[Scenario], r: &RunResults) -> String {
     );
     let _ = writeln!(s, "{}\n", provenance_line(&r.provenance));
     let _ = writeln!(s, "| id | kernel | fs | expected | actual | | what it shows |\n|---|---|---|---|---|---|---|");
-    for spec in specs {
+    for spec in &r.scenarios {
         for c in r.results.iter().filter(|c| c.scenario == spec.id) {
             let _ = writeln!(
                 s,
@@ -186,20 +282,20 @@ pub fn markdown(specs: &[Scenario], r: &RunResults) -> String {
             b.failure.as_ref().map(|f| format!("\n  - **failed:** {}", f.replace('\n', " "))).unwrap_or_default()
         );
         for sp in &b.splats {
-            let _ = writeln!(s, "  - **kernel splat:** `{sp}`");
+            let _ = writeln!(s, "  - **kernel splat:** `{}`", splat_line(sp));
         }
         for st in &b.setup {
-            let _ = writeln!(s, "  - setup: {st}");
+            let _ = writeln!(s, "  - setup: {}", step_line(st));
         }
         if let Some(f) = &b.fsck {
-            let _ = writeln!(s, "  - fsck: {f}");
+            let _ = writeln!(s, "  - fsck: {}", step_line(f));
         }
         for t in &b.selftests {
-            let _ = writeln!(s, "  - selftest {t}");
+            let _ = writeln!(s, "  - selftest {}: {}", t.label(), t.outcome.as_str());
         }
     }
     let _ = writeln!(s, "\n## Scenarios\n");
-    for spec in specs {
+    for spec in &r.scenarios {
         let _ = writeln!(s, "### {} — {}\n", spec.id, spec.title);
         let _ = writeln!(s, "{}\n", spec.shows);
         if !spec.story.is_empty() {
@@ -219,7 +315,7 @@ pub fn markdown(specs: &[Scenario], r: &RunResults) -> String {
             );
             let _ = writeln!(s, "| step | expected | actual | detail |\n|---|---|---|---|");
             for st in &c.steps {
-                let actual = if st.actual == NOT_RUN { "—".to_string() } else { st.actual.clone() };
+                let actual = if st.actual.ran() { st.actual.to_string() } else { "—".to_string() };
                 let _ = writeln!(
                     s,
                     "| {} | {} | {}{} | {} |",

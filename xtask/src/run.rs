@@ -3,13 +3,16 @@
 
 use crate::kernel;
 use crate::lab::{self, LabOpts};
+use crate::qemu::Accel;
 use crate::report::{self, BootRecord, RunResults};
 use crate::ui;
 use crate::util::{self, Cache};
-use crate::vm::{self, Accel, BootSpec, Deadlines};
+use crate::verdict;
+use crate::vm::{self, BootEvent, BootSpec, Deadlines};
 use anyhow::{Context, Result};
 use pinlab_scenarios::plan::Plan;
-use pinlab_scenarios::results::{self, CellResult};
+use pinlab_scenarios::protocol::GuestEvent;
+use pinlab_scenarios::results::CellResult;
 use pinlab_scenarios::spec::{self, Scenario};
 use pinlab_scenarios::{Flavor, Fs};
 use std::path::PathBuf;
@@ -69,17 +72,17 @@ impl Verdict {
 /// A new, unique run directory under `runs` (`YYYYMMDD-HHMMSS-PID`, with a
 /// suffix if that exists), and `runs/latest` pointing at it.
 pub fn new_run_dir(runs: &std::path::Path) -> Result<(String, PathBuf)> {
-    std::fs::create_dir_all(runs).with_context(|| format!("Failed to create {}", runs.display()))?;
+    fs_err::create_dir_all(runs).with_context(|| format!("Failed to create {}", runs.display()))?;
     let base = format!("{}-{}", util::utc_stamp(SystemTime::now()), std::process::id());
     for n in 0.. {
         let id = if n == 0 { base.clone() } else { format!("{base}.{n}") };
         let dir = runs.join(&id);
-        match std::fs::create_dir(&dir) {
+        match fs_err::create_dir(&dir) {
             Ok(()) => {
                 // Point `latest` here atomically: a new link renamed over the old one.
                 let tmp = util::staging_path(&runs.join("latest"));
                 std::os::unix::fs::symlink(&id, &tmp).with_context(|| format!("Failed to link {}", tmp.display()))?;
-                std::fs::rename(&tmp, runs.join("latest"))
+                fs_err::rename(&tmp, runs.join("latest"))
                     .with_context(|| format!("Failed to update {}", runs.join("latest").display()))?;
                 return Ok((id, dir));
             }
@@ -201,6 +204,7 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
     let res = RunResults {
         run_id: run_id.clone(),
         accel: accel.name().into(),
+        scenarios: specs.iter().map(report::ScenarioDoc::from).collect(),
         results: cells,
         boots,
         wall_s: t0.elapsed().as_secs_f64(),
@@ -209,13 +213,13 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
     };
     let write = |name: &str, bytes: &[u8]| -> Result<()> {
         let p = run_dir.join(name);
-        std::fs::write(&p, bytes).with_context(|| format!("Failed to write {}", p.display()))
+        fs_err::write(&p, bytes).with_context(|| format!("Failed to write {}", p.display()))
     };
     write("results.json", &serde_json::to_vec_pretty(&res)?)?;
-    write("report.md", report::markdown(&specs, &res).as_bytes())?;
-    write("report.html", crate::html::render(&specs, &res).as_bytes())?;
-    write("junit.xml", crate::html::junit(&specs, &res).as_bytes())?;
-    println!("\n{}", report::table(&specs, &res));
+    for (name, bytes) in report::files(&res) {
+        write(name, &bytes)?;
+    }
+    println!("\n{}", report::table(&res));
     let passed = res.results.iter().filter(|c| c.pass).count();
     println!(
         "{passed}/{} as expected in {}. Report: {}",
@@ -241,40 +245,16 @@ pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>, locked
     let lab = lab::prepare(cache, &LabOpts { flavors: vec![flavor], accel, locked, ..Default::default() })?;
     let k = lab.kernels.first().context("the kernel did not build")?;
     let dir = util::target_dir().join("shell").join(format!("{flavor}-{fs}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
+    fs_err::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
     let selftests = k.selftests.iter().map(|p| p.display().to_string()).collect();
     let plan = Plan { flavor, fs, scenarios: Vec::new(), selftests, bench: None };
     vm::shell(&lab.virtiofsd, &k.bzimage, &lab.rootfs, &dir, &plan, lab.accel)
 }
 
-/// The cells and record of a boot that could not run at all.
+/// The cells and record of a boot that could not run at all, said on the terminal.
 fn not_run(specs: &[Scenario], flavor: Flavor, key: &str, fs: Fs, why: &str) -> (Vec<CellResult>, BootRecord) {
     eprintln!("boot {flavor}/{fs}: NOT RUN: {why}");
-    let cells = specs
-        .iter()
-        .filter(|s| s.runs_on(fs))
-        .map(|s| {
-            let mut c = results::check(s, flavor, fs, None);
-            c.not_run = Some(why.lines().next().unwrap_or(why).to_string());
-            c
-        })
-        .collect();
-    let boot = BootRecord {
-        flavor,
-        fs,
-        kernel: String::new(),
-        kernel_key: key.to_string(),
-        wall_s: 0.0,
-        to_runner_s: None,
-        console: String::new(),
-        splats: Vec::new(),
-        failure: Some(format!("not run: {why}")),
-        infra: true,
-        setup: Vec::new(),
-        fsck: None,
-        selftests: Vec::new(),
-    };
-    (cells, boot)
+    verdict::not_run(specs, flavor, key, fs, why)
 }
 
 /// What every boot of a run shares.
@@ -303,40 +283,39 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         bench: None,
     };
     let dir = run_dir.join(format!("{}-{}", k.flavor, fs));
-    std::fs::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
+    fs_err::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
     let label = format!("boot {}/{}", k.flavor, fs);
     eprintln!("{label}: booting {} under {} ({} scenarios)", k.bzimage.display(), accel.name(), plan.scenarios.len());
     let pb = ctx.mp.add(ui::spinner(format!("{label}: booting")));
     let explain = ctx.explain;
     let flavor = k.flavor;
-    let mut on_line = |line: &str| {
-        if let Some(rest) = line.split(crate::console::MARK_SCENARIO).nth(1) {
-            pb.set_message(format!("{label}: {rest}"));
-            ui::line(&pb, format!("  {label}: {rest}"));
+    let mut on_event = |ev: &BootEvent| match ev {
+        BootEvent::Guest(GuestEvent::ScenarioStarted { id, title }) => {
+            pb.set_message(format!("{label}: {id} {title}"));
+            ui::line(&pb, format!("  {label}: {id} {title}"));
             if explain {
-                let id = rest.split_whitespace().next().unwrap_or("");
-                if let Some(sp) = mine.iter().find(|s| s.id == id) {
+                if let Some(sp) = mine.iter().find(|s| &s.id == id) {
                     ui::line(&pb, format!("      {}", sp.shows));
                 }
             }
-        } else if let Some(st) = crate::console::step_line(line).filter(|_| explain) {
+        }
+        BootEvent::Guest(GuestEvent::StepFinished { id, index, by, name, outcome, detail }) if explain => {
             let expected = mine
                 .iter()
-                .find(|s| s.id == st.id)
-                .and_then(|s| s.expected(flavor, fs).get(st.index).cloned().flatten())
-                .map(|o| o.to_string())
-                .unwrap_or_else(|| "not run".into());
-            let (what, detail) = st.rest.split_once(": ").unwrap_or((st.rest, ""));
-            let mark = if expected == st.outcome { "✓" } else { "✗" };
-            ui::line(&pb, format!("    {what} → {} (expected {expected} {mark})", st.outcome));
+                .find(|s| &s.id == id)
+                .and_then(|s| s.expected(flavor, fs).get(*index).cloned().flatten())
+                .map(|o| pinlab_scenarios::protocol::StepOutcome::from(&o))
+                .unwrap_or(pinlab_scenarios::protocol::StepOutcome::NotRun);
+            let mark = verdict::step_mark(&expected, outcome);
+            ui::line(&pb, format!("    [{}] {name} → {outcome} (expected {expected} {mark})", by.name()));
             if !detail.is_empty() {
                 ui::line(&pb, format!("        {detail}"));
             }
-        } else if line.contains(crate::console::MARK_RUNNER) {
-            pb.set_message(format!("{label}: runner started"));
         }
+        BootEvent::Guest(GuestEvent::RunnerStarted) => pb.set_message(format!("{label}: runner started")),
+        _ => {}
     };
-    let outcome = vm::boot(BootSpec {
+    let boot = vm::boot(BootSpec {
         qemu: std::path::Path::new(crate::qemu::PROGRAM),
         kernel: &k.bzimage,
         virtiofsd: ctx.virtiofsd,
@@ -345,58 +324,17 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         plan: &plan,
         accel,
         deadlines: Deadlines::for_plan(accel, &plan),
-        on_line: &mut on_line,
+        on_event: &mut on_event,
     })?;
     pb.finish_and_clear();
+    let (cells, record) = verdict::judge(&boot, &mine, k.flavor, fs, &k.key, run_dir);
     eprintln!(
         "{label}: {} in {} (runner started at {})",
-        if outcome.failure.is_none() && outcome.splats.is_empty() { "done" } else { "FAILED" },
-        util::fmt_duration(outcome.wall),
-        outcome.to_runner.map(util::fmt_duration).unwrap_or_else(|| "—".into())
+        if record.failure.is_none() && record.splats.is_empty() { "done" } else { "FAILED" },
+        util::fmt_duration(boot.wall),
+        boot.to_runner.map(util::fmt_duration).unwrap_or_else(|| "—".into())
     );
-    let boot_ok = outcome.failure.is_none() && outcome.splats.is_empty();
-    let mut cells = Vec::new();
-    for s in &mine {
-        let got = outcome.results.as_ref().and_then(|r| r.scenarios.iter().find(|x| x.id == s.id));
-        let mut c = results::check(s, k.flavor, fs, got);
-        // A splat or a dead boot fails every cell of that boot.
-        c.pass &= boot_ok;
-        if got.is_none() {
-            if let Some(f) = &outcome.failure {
-                c.not_run = Some(f.lines().next().unwrap_or(f).to_string());
-            }
-        }
-        cells.push(c);
-    }
-    let rel = |p: &std::path::Path| p.strip_prefix(run_dir).unwrap_or(p).display().to_string();
-    let boot = BootRecord {
-        flavor: k.flavor,
-        fs,
-        kernel: outcome.results.as_ref().map(|r| r.kernel.clone()).unwrap_or_default(),
-        kernel_key: k.key.clone(),
-        wall_s: outcome.wall.as_secs_f64(),
-        to_runner_s: outcome.to_runner.map(|d| d.as_secs_f64()),
-        console: rel(&outcome.console),
-        splats: outcome.splats.iter().map(|s| format!("{} at console.log:{}: {}", s.kind, s.line, s.text)).collect(),
-        failure: outcome.failure.clone(),
-        infra: outcome.infra,
-        setup: outcome
-            .results
-            .as_ref()
-            .map(|r| r.setup.iter().map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)).collect())
-            .unwrap_or_default(),
-        selftests: outcome
-            .results
-            .as_ref()
-            .map(|r| r.selftests.iter().map(|s| format!("{}: {}", s.name, s.outcome)).collect())
-            .unwrap_or_default(),
-        fsck: outcome
-            .results
-            .as_ref()
-            .and_then(|r| r.fsck.as_ref())
-            .map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail)),
-    };
-    Ok((cells, boot))
+    Ok((cells, record))
 }
 
 #[cfg(test)]
@@ -411,7 +349,7 @@ mod tests {
         assert_ne!(a, b);
         assert!(da.is_dir() && db.is_dir());
         assert!(a.contains(&std::process::id().to_string()), "{a}");
-        assert_eq!(std::fs::read_link(d.path().join("latest")).unwrap(), PathBuf::from(&b));
+        assert_eq!(fs_err::read_link(d.path().join("latest")).unwrap(), PathBuf::from(&b));
     }
 
     #[test]

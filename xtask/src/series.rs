@@ -91,18 +91,17 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
     let _lock = kernel::tree_lock(cache, "check")?;
     let tree = base_tree(cache, "check", &sources)?;
     let build_dir = cache.dir("build")?.join("check");
-    std::fs::create_dir_all(&build_dir)?;
+    fs_err::create_dir_all(&build_dir)?;
     let log = build_dir.join("check-series.log");
     let record_path = build_dir.join("check-series.json");
-    let _ = std::fs::remove_file(&log);
+    let _ = fs_err::remove_file(&log);
     let t0 = Instant::now();
 
     // The base is the stock kernel: same source, fragments and recipe.
     let base_key =
         kernel::cache_key(&kernel::debian_source_id(&sources.kernel_version), &[], &kernel::read_fragments()?);
     let keys = prefix_keys(&base_key, &series);
-    let old: Record =
-        std::fs::read(&record_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    let old: Record = fs_err::read(&record_path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let applied = kernel::applied_count(&tree)?;
     // Reuse only what the tree really holds: the record must describe it.
     let keep = if full || old.base_key != base_key || applied != old.patches.len() {
@@ -144,7 +143,7 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
         // checkpatch exits non-zero on any complaint; the tally says how bad.
         let out = cp.output().with_context(|| format!("Failed to run checkpatch.pl on {name}"))?;
         let out_text = String::from_utf8_lossy(&out.stdout).into_owned();
-        std::fs::write(build_dir.join(format!("{name}.checkpatch.txt")), &out_text)?;
+        fs_err::write(build_dir.join(format!("{name}.checkpatch.txt")), &out_text)?;
         let tally = parse_tally(&out_text).unwrap_or(Tally { errors: 1, ..Default::default() });
         let built: Result<String> = if i < keep {
             Ok(format!("unchanged, built earlier: {}", record.patches[i].build))
@@ -238,11 +237,11 @@ pub fn export(cache: &Cache) -> Result<()> {
         bail!("{} has uncommitted changes; commit them first:\n{status}", tree.display());
     }
     let dir = util::project_root().join("kernel-patches");
-    for e in std::fs::read_dir(&dir)? {
+    for e in fs_err::read_dir(&dir)? {
         let p = e?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.len() > 5 && name[..4].chars().all(|c| c.is_ascii_digit()) && name.ends_with(".patch") {
-            std::fs::remove_file(&p)?;
+            fs_err::remove_file(&p)?;
         }
     }
     let mut fp = git(&tree, &["format-patch", "--no-signature", "--abbrev=12", "-o"]);
@@ -250,7 +249,7 @@ pub fn export(cache: &Cache) -> Result<()> {
     let out = util::output(fp)?;
     let names: Vec<String> =
         out.lines().filter_map(|l| Path::new(l.trim()).file_name().map(|n| n.to_string_lossy().into_owned())).collect();
-    let base = std::fs::read_to_string(tree.join(".git/pinlab-base")).unwrap_or_default();
+    let base = fs_err::read_to_string(tree.join(".git/pinlab-base")).unwrap_or_default();
     let series = format!(
         "# Applied in this order with `git am` onto Debian linux-source-6.12 {}.\n{}\n",
         base.trim(),

@@ -152,7 +152,7 @@ pub fn resolve_with(cache: &Cache, lock_text: &str, pinned_kernel: &str, locked:
     let apt = Apt::new(cache)?;
     apt.update(false)?;
     let lock = crate::image::parse_lock(lock_text)?;
-    let wanted = std::fs::read_to_string(util::project_root().join("image/packages.txt")).unwrap_or_default();
+    let wanted = fs_err::read_to_string(util::project_root().join("image/packages.txt")).unwrap_or_default();
     let key = util::KeyHasher::default()
         .part("recipe", b"pinlab-resolution-1")
         .part("lock", lock_text.as_bytes())
@@ -161,12 +161,12 @@ pub fn resolve_with(cache: &Cache, lock_text: &str, pinned_kernel: &str, locked:
         .part("lists", apt.lists_id()?.as_bytes())
         .finish();
     let path = apt.resolved_dir().join(format!("{key}.json"));
-    let remembered = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<Resolution>(&b).ok());
+    let remembered = fs_err::read(&path).ok().and_then(|b| serde_json::from_slice::<Resolution>(&b).ok());
     let r = match remembered {
         Some(r) => r,
         None => {
             let r = resolve_fresh(&apt, &lock, pinned_kernel)?;
-            std::fs::create_dir_all(apt.resolved_dir())
+            fs_err::create_dir_all(apt.resolved_dir())
                 .with_context(|| format!("Failed to create {}", apt.resolved_dir().display()))?;
             util::write_atomic(&path, &serde_json::to_vec_pretty(&r)?)?;
             r

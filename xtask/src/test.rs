@@ -1,9 +1,9 @@
 //! `cargo xtask test`: the unit tests of the workspace, then every scenario
-//! end to end (`run demo`), failing on any mismatch. Also `clean`.
+//! end to end (`run demo`), failing on any mismatch.
 
+use crate::qemu::Accel;
 use crate::run::Verdict;
 use crate::util::{self, Cache};
-use crate::vm::Accel;
 use anyhow::{Context, Result};
 use std::process::Command;
 
@@ -26,19 +26,36 @@ pub fn run(cache: &Cache, unit_only: bool, accel: Option<Accel>, locked: bool) -
     // This run's own directory: `latest` may already point at a concurrent run's.
     let run_dir = crate::run::last_run_dir().context("the run recorded no directory")?;
     let html_ok = check_report_in_browser(&run_dir)?;
-    let path = run_dir.join("results.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("Failed to read {}", path.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("Failed to parse {}", path.display()))?;
-    let cells = v["results"].as_array().map(|a| a.as_slice()).unwrap_or(&[]);
-    let passed = cells.iter().filter(|c| c["pass"] == true).count();
+    let rerender_ok = check_rerender(&run_dir)?;
+    let res = crate::report::RunResults::load(&run_dir.join("results.json"))?;
+    let cells = &res.results;
+    let passed = cells.iter().filter(|c| c.pass).count();
     // The plain closing line CI reads.
     println!("scenarios: {} passed, {} failed", passed, cells.len() - passed);
     Ok(match verdict {
-        Verdict::Pass if html_ok && drift_ok => Verdict::Pass,
+        Verdict::Pass if html_ok && drift_ok && rerender_ok => Verdict::Pass,
         Verdict::Pass => Verdict::Fail,
         v => v,
     })
+}
+
+/// `cargo xtask report` on the run just made must give its reports byte for byte.
+fn check_rerender(run_dir: &std::path::Path) -> Result<bool> {
+    let res = crate::report::RunResults::load(&run_dir.join("results.json"))?;
+    let mut ok = true;
+    for (name, bytes) in crate::report::files(&res) {
+        let p = run_dir.join(name);
+        let written = fs_err::read(&p).with_context(|| format!("Failed to read {}", p.display()))?;
+        if written != bytes {
+            eprintln!("report check: {name} made again from results.json differs from the one the run wrote");
+            ok = false;
+        }
+    }
+    eprintln!(
+        "report check: {}",
+        if ok { "report.md, report.html and junit.xml made again byte for byte" } else { "FAILED" }
+    );
+    Ok(ok)
 }
 
 /// The drift path, for real: a lock naming a libc6 version Debian never
@@ -78,6 +95,9 @@ fn check_drift_path(cache: &Cache) -> Result<bool> {
     Ok(ok)
 }
 
+/// Headless Chromium renders the report in 2–4 s here; a minute means it hangs.
+const CHROMIUM_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Render `report.html` in headless Chromium: keep a screenshot in the run
 /// dir, and check the DOM Chromium built has the matrix with a row per
 /// scenario and a cell per result.
@@ -106,15 +126,12 @@ fn check_report_in_browser(run_dir: &std::path::Path) -> Result<bool> {
         .arg("--window-size=1300,1600")
         .arg(format!("--screenshot={}", run_dir.join("report.png").display()))
         .arg(&url);
-    util::output(shot).context("Failed to screenshot report.html")?;
+    util::output_within(shot, CHROMIUM_DEADLINE).context("Failed to screenshot report.html")?;
     let mut dump = Command::new(&chromium);
     base(&mut dump);
     dump.arg(format!("--user-data-dir={}", profile.path().display())).arg("--dump-dom").arg(&url);
-    let dom = util::output(dump).context("Failed to render report.html")?;
-    let rpath = run_dir.join("results.json");
-    let rtext = std::fs::read_to_string(&rpath).with_context(|| format!("Failed to read {}", rpath.display()))?;
-    let results: serde_json::Value =
-        serde_json::from_str(&rtext).with_context(|| format!("Failed to parse {}", rpath.display()))?;
+    let dom = util::output_within(dump, CHROMIUM_DEADLINE).context("Failed to render report.html")?;
+    let results = crate::report::RunResults::load(&run_dir.join("results.json"))?;
     let problems = dom_problems(&dom, &results);
     for p in &problems {
         eprintln!("report.html: {p}");
@@ -129,14 +146,14 @@ fn check_report_in_browser(run_dir: &std::path::Path) -> Result<bool> {
 
 /// What is missing from the rendered DOM: the matrix table, a row per
 /// scenario in results.json, and as many ✓/✗ cells as results.
-pub fn dom_problems(dom: &str, results: &serde_json::Value) -> Vec<String> {
+pub fn dom_problems(dom: &str, results: &crate::report::RunResults) -> Vec<String> {
     let mut p = Vec::new();
     let Some(start) = dom.find("id=\"matrix\"") else {
         return vec!["no table with id=matrix".into()];
     };
     let table = &dom[start..dom[start..].find("</table>").map(|e| start + e).unwrap_or(dom.len())];
-    let cells = results["results"].as_array().cloned().unwrap_or_default();
-    let mut ids: Vec<String> = cells.iter().filter_map(|c| c["scenario"].as_str().map(String::from)).collect();
+    let cells = &results.results;
+    let mut ids: Vec<String> = cells.iter().map(|c| c.scenario.clone()).collect();
     ids.sort();
     ids.dedup();
     for id in &ids {
@@ -151,34 +168,32 @@ pub fn dom_problems(dom: &str, results: &serde_json::Value) -> Vec<String> {
     p
 }
 
-/// `cargo xtask clean [--all]`.
-pub fn clean(cache: &Cache, all: bool) -> Result<()> {
-    let mut dirs = vec!["kernels", "rootfs", "rootfs-demos", "build", "trees", "locks"];
-    if all {
-        dirs.extend(["debs", "src", "apt", "tools", "ccache"]);
-    }
-    for d in dirs {
-        let p = cache.root.join(d);
-        if p.exists() {
-            eprintln!("removing {}", p.display());
-            std::fs::remove_dir_all(&p).with_context(|| format!("Failed to remove {}", p.display()))?;
-        }
-    }
-    let t = util::target_dir();
-    if t.exists() {
-        eprintln!("removing {}", t.display());
-        std::fs::remove_dir_all(&t).with_context(|| format!("Failed to remove {}", t.display()))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::dom_problems;
 
     #[test]
     fn dom_check() {
-        let results = serde_json::json!({"results": [{"scenario": "S01"}, {"scenario": "S02"}]});
+        let cell = |id: &str| pinlab_scenarios::results::CellResult {
+            scenario: id.into(),
+            flavor: pinlab_scenarios::Flavor::Stock,
+            fs: pinlab_scenarios::Fs::Ext4,
+            pass: true,
+            steps: vec![],
+            ms: 1.0,
+            isolation: None,
+            not_run: None,
+        };
+        let results = crate::report::RunResults {
+            run_id: "x".into(),
+            accel: "tcg".into(),
+            scenarios: vec![],
+            results: vec![cell("S01"), cell("S02")],
+            boots: vec![],
+            wall_s: 1.0,
+            pass: true,
+            provenance: Default::default(),
+        };
         let good = "<table id=\"matrix\"><tr data-scenario=\"S01\"><td>✓ ok</td></tr><tr data-scenario=\"S02\"><td>✗ EPERM</td></tr></table>";
         assert!(dom_problems(good, &results).is_empty());
         assert_eq!(dom_problems("<p>nothing</p>", &results).len(), 1);

@@ -42,7 +42,7 @@ impl Cache {
     /// A subdirectory, created if missing.
     pub fn dir(&self, name: &str) -> Result<PathBuf> {
         let d = self.root.join(name);
-        std::fs::create_dir_all(&d).with_context(|| format!("Failed to create {}", d.display()))?;
+        fs_err::create_dir_all(&d).with_context(|| format!("Failed to create {}", d.display()))?;
         Ok(d)
     }
 }
@@ -82,7 +82,7 @@ fn quote(s: &OsStr) -> String {
 /// the last lines of output.
 pub fn run_logged(mut cmd: Command, log: &Path, mut on_line: impl FnMut(&str)) -> Result<()> {
     let shown = show(&cmd);
-    let mut logf = std::fs::OpenOptions::new()
+    let mut logf = fs_err::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
@@ -144,6 +144,56 @@ pub fn output(mut cmd: Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// [`output`], but the command is killed if it has not finished within
+/// `deadline` (Chromium, for one, can hang on a broken profile or display).
+pub fn output_within(mut cmd: Command, deadline: Duration) -> Result<String> {
+    use std::io::Read;
+    let shown = show(&cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("Failed to start `{shown}`"))?;
+    crate::cleanup::register_pid(child.id());
+    let drain = |r: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let out = drain(child.stdout.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let err = drain(child.stderr.take().map(|r| Box::new(r) as Box<dyn Read + Send>));
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().with_context(|| format!("Failed to wait for `{shown}`"))? {
+            break Some(st);
+        }
+        if t.elapsed() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    crate::cleanup::forget_pid(child.id());
+    let (out, err) = (out.join().unwrap_or_default(), err.join().unwrap_or_default());
+    match status {
+        None => bail!(
+            "`{shown}` did not finish within {}; killed. It printed: {}",
+            fmt_duration(deadline),
+            String::from_utf8_lossy(&err).trim()
+        ),
+        Some(st) if !st.success() => {
+            bail!("`{shown}` failed ({st})\n{}{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err))
+        }
+        Some(_) => Ok(String::from_utf8_lossy(&out).into_owned()),
+    }
+}
+
 /// Print then run a short command, passing its output through.
 pub fn run_shown(mut cmd: Command) -> Result<()> {
     let shown = show(&cmd);
@@ -193,8 +243,8 @@ impl KeyHasher {
 /// run never leaves a half-written cache entry.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = staging_path(path);
-    std::fs::write(&tmp, bytes).with_context(|| format!("Failed to write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("Failed to rename {} to {}", tmp.display(), path.display()))
+    fs_err::write(&tmp, bytes).with_context(|| format!("Failed to write {}", tmp.display()))?;
+    fs_err::rename(&tmp, path).with_context(|| format!("Failed to rename {} to {}", tmp.display(), path.display()))
 }
 
 /// An advisory lock on a file (`flock`), released when dropped. Shared
@@ -202,7 +252,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// several clones either wait for a complete artefact or build it once.
 #[derive(Debug)]
 pub struct FileLock {
-    _file: std::fs::File,
+    _file: fs_err::File,
 }
 
 impl FileLock {
@@ -210,9 +260,9 @@ impl FileLock {
     /// another holder and saying so if the wait is noticeable.
     pub fn exclusive(path: &Path) -> Result<FileLock> {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("Failed to create {}", parent.display()))?;
+            fs_err::create_dir_all(parent).with_context(|| format!("Failed to create {}", parent.display()))?;
         }
-        let f = std::fs::OpenOptions::new()
+        let f = fs_err::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
@@ -245,10 +295,10 @@ pub fn staging_path(path: &Path) -> PathBuf {
 pub fn publish_dir(staging: &Path, dest: &Path) -> Result<()> {
     if dest.exists() {
         let old = staging_path(dest);
-        std::fs::rename(dest, &old).with_context(|| format!("Failed to move {} aside", dest.display()))?;
-        let _ = std::fs::remove_dir_all(&old);
+        fs_err::rename(dest, &old).with_context(|| format!("Failed to move {} aside", dest.display()))?;
+        let _ = fs_err::remove_dir_all(&old);
     }
-    std::fs::rename(staging, dest)
+    fs_err::rename(staging, dest)
         .with_context(|| format!("Failed to rename {} to {}", staging.display(), dest.display()))
 }
 
@@ -289,6 +339,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn output_within_kills_at_the_deadline() {
+        let t = Instant::now();
+        let mut c = Command::new("sleep");
+        c.arg("30");
+        let e = output_within(c, Duration::from_millis(200)).unwrap_err().to_string();
+        assert!(e.contains("did not finish within") && e.contains("sleep 30"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let mut c = Command::new("echo");
+        c.arg("hi");
+        assert_eq!(output_within(c, Duration::from_secs(5)).unwrap(), "hi\n");
+    }
+
+    #[test]
     fn key_is_stable_and_sensitive() {
         let k = |a: &[u8], b: &[u8]| KeyHasher::default().part("a", a).part("b", b).finish();
         // Fixed value: a change here invalidates every cached kernel; do it on purpose only.
@@ -324,6 +387,6 @@ mod tests {
         assert!(e.contains(&log.display().to_string()), "{e}");
         assert!(e.contains("oops"), "{e}");
         assert_eq!(seen.len(), 2);
-        assert!(std::fs::read_to_string(&log).unwrap().contains("hello"));
+        assert!(fs_err::read_to_string(&log).unwrap().contains("hello"));
     }
 }

@@ -1,4 +1,6 @@
-//! One boot: virtiofsd ×2, QEMU, deadlines, the console stream.
+//! One machine: virtiofsd ×2, QEMU, deadlines, the console as typed events,
+//! and how the boot ended ([`BootEnd`]). Judging what the guest observed is
+//! [`crate::verdict`]'s job.
 //!
 //! Every wait has a named deadline, checks the child is still alive, and
 //! kills it on expiry. The console is teed to `console.log` and parsed as a
@@ -7,62 +9,19 @@
 //! leaves nothing running behind.
 
 use crate::console::{self, Splat};
-use crate::qemu::{self, QemuSpec};
+use crate::qemu::{self, Accel, QemuSpec};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use pinlab_scenarios::plan::Plan;
+use pinlab_scenarios::protocol::{GuestEvent, PLAN_FILE, RESULTS_FILE, SHELL_MODE};
 use pinlab_scenarios::results::BootResults;
+use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-/// QEMU accelerator.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accel {
-    /// Hardware virtualization.
-    Kvm,
-    /// Software emulation.
-    Tcg,
-}
-
-impl Accel {
-    /// `kvm` / `tcg`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-impl std::str::FromStr for Accel {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "kvm" => Ok(Accel::Kvm),
-            "tcg" => Ok(Accel::Tcg),
-            _ => bail!("unknown accelerator '{s}' (expected kvm or tcg)"),
-        }
-    }
-}
-
-/// The accelerator to use: the flag, else the KVM probe's verdict (printed).
-pub fn choose_accel(flag: Option<Accel>) -> Accel {
-    if let Some(a) = flag {
-        eprintln!("accel: {} (--accel)", a.name());
-        return a;
-    }
-    let v = crate::kvm::probe();
-    eprintln!("{}", v.describe());
-    if v.usable() {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
-    }
-}
 
 /// Deadlines of one boot.
 #[derive(Clone, Copy, Debug)]
@@ -116,27 +75,123 @@ pub struct BootSpec<'a> {
     pub accel: Accel,
     /// Deadlines.
     pub deadlines: Deadlines,
-    /// Called with each console line (for progress and `--explain`).
-    pub on_line: &'a mut dyn FnMut(&str),
+    /// Called with each event as it happens (progress, `--explain`).
+    pub on_event: &'a mut dyn FnMut(&BootEvent),
 }
 
-/// What happened.
+/// Something the console showed, as it happened.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BootEvent {
+    /// A pinlab program in the guest said something.
+    Guest(GuestEvent),
+    /// The kernel reported a problem.
+    Splat(Splat),
+}
+
+/// How a boot ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "end", rename_all = "snake_case")]
+pub enum BootEnd {
+    /// pinlab-init said it was done and QEMU exited cleanly.
+    Completed {
+        /// The runner's exit code.
+        rc: i32,
+    },
+    /// The runner did not start within the boot deadline; QEMU was killed.
+    BootDeadline {
+        /// The deadline, seconds.
+        after_s: f64,
+    },
+    /// The guest made no progress within the run deadline (watchdog); QEMU was killed.
+    RunDeadline {
+        /// The deadline, seconds.
+        after_s: f64,
+    },
+    /// The kernel reported a hang (hung task, soft lockup, RCU stall); QEMU
+    /// was killed after a grace period for the report's stack traces.
+    KernelHang {
+        /// The report's first line.
+        report: String,
+    },
+    /// The kernel crashed (panic, oops, BUG) and the guest went down.
+    KernelCrashed {
+        /// The crash.
+        splat: Splat,
+    },
+    /// QEMU failed or was stopped by a signal.
+    QemuFailed {
+        /// Its exit status.
+        status: String,
+        /// What it printed on stderr.
+        stderr: String,
+    },
+    /// The guest powered off before pinlab-init said it was done, with no crash on the console.
+    PoweredOff,
+}
+
+impl BootEnd {
+    /// The boot did not end as planned because of pinlab or the host
+    /// (a deadline nobody in the guest reported, QEMU), not because of what
+    /// the guest kernel did.
+    pub fn is_infra(&self) -> bool {
+        matches!(
+            self,
+            BootEnd::BootDeadline { .. }
+                | BootEnd::RunDeadline { .. }
+                | BootEnd::QemuFailed { .. }
+                | BootEnd::PoweredOff
+        )
+    }
+
+    /// One sentence for people; `None` for [`BootEnd::Completed`].
+    pub fn describe(&self) -> Option<String> {
+        Some(match self {
+            BootEnd::Completed { .. } => return None,
+            BootEnd::BootDeadline { after_s } => format!(
+                "boot deadline: the runner did not start within {} of QEMU starting",
+                util::fmt_duration(Duration::from_secs_f64(*after_s))
+            ),
+            BootEnd::RunDeadline { after_s } => {
+                format!("watchdog: no progress for {}", util::fmt_duration(Duration::from_secs_f64(*after_s)))
+            }
+            BootEnd::KernelHang { report } => format!("the guest kernel reported a hang ({})", report.trim()),
+            BootEnd::KernelCrashed { splat } => {
+                format!(
+                    "the guest kernel crashed ({}: {} at console.log:{})",
+                    splat.kind,
+                    splat.text.trim(),
+                    splat.line
+                )
+            }
+            BootEnd::QemuFailed { status, stderr } => {
+                format!("{status}. QEMU said: {}", if stderr.trim().is_empty() { "nothing" } else { stderr.trim() })
+            }
+            BootEnd::PoweredOff => "the guest powered off before pinlab-init said it was done, \
+                                    and no kernel crash is on the console"
+                .to_string(),
+        })
+    }
+}
+
+/// What one boot produced.
 #[derive(Debug)]
-pub struct BootOutcome {
+pub struct Boot {
+    /// How it ended.
+    pub end: BootEnd,
+    /// Where the guest was when it ended (scenario and step), for people.
+    pub during: String,
     /// The console log.
     pub console: PathBuf,
-    /// What the runner wrote, if it wrote anything.
-    pub results: Option<BootResults>,
-    /// Kernel splats on the console.
+    /// The last console lines.
+    pub tail: Vec<String>,
+    /// Kernel splats on the console, in order.
     pub splats: Vec<Splat>,
-    /// A boot-level failure: a deadline, a crash, missing results.
-    pub failure: Option<String>,
-    /// The failure is pinlab's or the host's (a deadline, QEMU or virtiofsd
-    /// failing, missing results), not the kernel's answer to a scenario.
-    pub infra: bool,
+    /// What the runner wrote ([`RESULTS_FILE`]): `None` if nothing, an
+    /// error if it cannot be read as results.
+    pub results: Result<Option<BootResults>, String>,
     /// QEMU start to exit.
     pub wall: Duration,
-    /// QEMU start to the runner's start marker.
+    /// QEMU start to the runner's start.
     pub to_runner: Option<Duration>,
 }
 
@@ -183,7 +238,8 @@ fn spawn_virtiofsd(bin: &Path, sock: &Path, dir: &Path, readonly: bool, log: &Pa
     if readonly {
         c.arg("--readonly");
     }
-    let logf = std::fs::File::create(log)?;
+    let logf = fs_err::File::create(log)?;
+    let logf = logf.into_file();
     c.stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     let shown = util::show(&c);
     let mut r = Reaper::spawn(&mut c).with_context(|| format!("Failed to start `{shown}`"))?;
@@ -226,18 +282,18 @@ fn prepare(
     extra: &str,
 ) -> Result<Machine> {
     let share = dir.join("share");
-    let _ = std::fs::remove_dir_all(&share);
-    std::fs::create_dir_all(&share).with_context(|| format!("Failed to create {}", share.display()))?;
-    let plan_path = share.join("plan.json");
-    std::fs::write(&plan_path, serde_json::to_vec_pretty(plan)?)
+    let _ = fs_err::remove_dir_all(&share);
+    fs_err::create_dir_all(&share).with_context(|| format!("Failed to create {}", share.display()))?;
+    let plan_path = share.join(PLAN_FILE);
+    fs_err::write(&plan_path, serde_json::to_vec_pretty(plan)?)
         .with_context(|| format!("Failed to write {}", plan_path.display()))?;
     if !plan.selftests.is_empty() {
-        std::fs::create_dir_all(share.join("selftests"))
+        fs_err::create_dir_all(share.join("selftests"))
             .with_context(|| format!("Failed to create {}", share.join("selftests").display()))?;
         for t in &plan.selftests {
             let src = Path::new(t);
             let name = src.file_name().context("selftest without a file name")?;
-            std::fs::copy(src, share.join("selftests").join(name))
+            fs_err::copy(src, share.join("selftests").join(name))
                 .with_context(|| format!("Failed to copy the selftest {}", src.display()))?;
         }
     }
@@ -250,7 +306,7 @@ fn prepare(
     let pmem = tmp.path().join("pmem0.img");
     let devdax = tmp.path().join("pmem1.img");
     for (file, mib) in [(&pmem, qemu::PMEM_MIB), (&devdax, qemu::DEVDAX_MIB)] {
-        std::fs::File::create(file)
+        fs_err::File::create(file)
             .and_then(|f| f.set_len(mib << 20))
             .with_context(|| format!("Failed to create the {mib} MiB NVDIMM backing file {}", file.display()))?;
     }
@@ -273,26 +329,34 @@ fn prepare(
     Ok(Machine { qspec, share, tmp, _vfs: [vfs_root, vfs_share] })
 }
 
+/// The one place QEMU is started: `program` with `spec`'s arguments, dying
+/// with us and registered for Ctrl-C cleanup.
+fn spawn_qemu(program: &Path, spec: &QemuSpec, stdout: Stdio, stderr: Stdio) -> Result<(Reaper, String)> {
+    let mut cmd = qemu::command(program, spec);
+    if !spec.interactive {
+        cmd.stdin(Stdio::null());
+    }
+    cmd.stdout(stdout).stderr(stderr);
+    let shown = util::show(&cmd);
+    let q = Reaper::spawn(&mut cmd).with_context(|| format!("Failed to start `{shown}`"))?;
+    Ok((q, shown))
+}
+
 /// Boot into an interactive shell on this terminal: the lab is set up (DAX
 /// mounted, rxe up), the demos are on PATH; `exit` powers the guest off.
 /// The console is also logged to `dir/console.log`; a kernel panic or oops
 /// there makes this fail (after QEMU exits) instead of returning success.
 pub fn shell(virtiofsd: &Path, kernel: &Path, rootfs: &Path, dir: &Path, plan: &Plan, accel: Accel) -> Result<()> {
-    let mut m = prepare(virtiofsd, kernel, rootfs, dir, plan, accel, "pinlab.mode=shell")?;
+    let mut m = prepare(virtiofsd, kernel, rootfs, dir, plan, accel, SHELL_MODE)?;
     m.qspec.interactive = true;
     let console_path = dir.join("console.log");
     m.qspec.console_log = Some(console_path.clone());
-    let mut cmd = Command::new(qemu::PROGRAM);
-    cmd.args(qemu::args(&m.qspec));
-    let shown = util::show(&cmd);
+    let (mut q, shown) = spawn_qemu(Path::new(qemu::PROGRAM), &m.qspec, Stdio::inherit(), Stdio::inherit())?;
     eprintln!("$ {shown}");
     eprintln!("(type `exit` in the guest to power it off; console log: {})", console_path.display());
-    let mut q = Reaper::spawn(&mut cmd).with_context(|| format!("Failed to start `{shown}`"))?;
     let status = q.child().wait().with_context(|| format!("Failed to wait for `{shown}`"))?;
-    let log = std::fs::read_to_string(&console_path).unwrap_or_default();
-    let fatal: Vec<Splat> =
-        console::scan(&log).into_iter().filter(|s| matches!(s.kind, "Kernel panic" | "Oops" | "BUG")).collect();
-    if let Some(f) = fatal.first() {
+    let log = fs_err::read_to_string(&console_path).unwrap_or_default();
+    if let Some(f) = console::scan(&log).into_iter().find(|s| s.kind.is_fatal()) {
         bail!(
             "the guest kernel crashed: {} (console.log:{}); the whole console is in {}",
             f.text,
@@ -306,7 +370,7 @@ pub fn shell(virtiofsd: &Path, kernel: &Path, rootfs: &Path, dir: &Path, plan: &
     Ok(())
 }
 
-/// The scenario and step the guest was in, from its progress markers.
+/// The scenario and step the guest was in, from its events.
 #[derive(Clone, Debug, Default)]
 struct Progress {
     scenario: Option<String>,
@@ -327,21 +391,27 @@ impl Progress {
     }
 }
 
-/// Boot once and run the plan.
-pub fn boot(spec: BootSpec<'_>) -> Result<BootOutcome> {
+/// Which deadline is armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Armed {
+    Boot,
+    Stall,
+    Hang,
+}
+
+/// Boot once and run the plan. An error means the machine could not be set
+/// up or its output not written; everything that happens once QEMU runs is
+/// in the returned [`Boot`].
+pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
     let m = prepare(spec.virtiofsd, spec.kernel, spec.rootfs, spec.dir, spec.plan, spec.accel, "")?;
     let share = m.share.clone();
-    let qspec = m.qspec.clone();
-    let mut cmd = Command::new(spec.qemu);
-    cmd.args(qemu::args(&qspec));
-    let shown = util::show(&cmd);
-    std::fs::write(spec.dir.join("qemu-cmdline.txt"), format!("{shown}\n"))
-        .with_context(|| format!("Failed to write {}", spec.dir.join("qemu-cmdline.txt").display()))?;
     let qemu_log = spec.dir.join("qemu.log");
-    let qlog = std::fs::File::create(&qemu_log).with_context(|| format!("Failed to create {}", qemu_log.display()))?;
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(qlog);
+    let qlog = fs_err::File::create(&qemu_log).with_context(|| format!("Failed to create {}", qemu_log.display()))?;
     let t0 = Instant::now();
-    let mut qemu = Reaper::spawn(&mut cmd).with_context(|| format!("Failed to start `{shown}`"))?;
+    let (mut qemu, shown) = spawn_qemu(spec.qemu, &m.qspec, Stdio::piped(), Stdio::from(qlog.into_file()))?;
+    let cmdline_path = spec.dir.join("qemu-cmdline.txt");
+    fs_err::write(&cmdline_path, format!("{shown}\n"))
+        .with_context(|| format!("Failed to write {}", cmdline_path.display()))?;
     let stdout = qemu.child().stdout.take().context("no QEMU stdout")?;
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -355,26 +425,24 @@ pub fn boot(spec: BootSpec<'_>) -> Result<BootOutcome> {
 
     let console_path = spec.dir.join("console.log");
     let mut console =
-        std::fs::File::create(&console_path).with_context(|| format!("Failed to create {}", console_path.display()))?;
+        fs_err::File::create(&console_path).with_context(|| format!("Failed to create {}", console_path.display()))?;
     let mut tail: std::collections::VecDeque<String> = Default::default();
+    let mut splats: Vec<Splat> = Vec::new();
     let mut to_runner = None;
-    let mut failure = None;
-    let mut infra = false;
-    let mut done = false;
+    let mut end: Option<BootEnd> = None;
+    let mut done: Option<i32> = None;
     let mut progress = Progress::default();
     let mut last_progress = t0;
-    // A hung-task or soft-lockup report: when, and what.
+    let mut lineno = 0usize;
+    // A hung-task or soft-lockup report: when, and its line.
     let mut hang: Option<(Instant, String)> = None;
-    let last_lines = |tail: &std::collections::VecDeque<String>| {
-        tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n")
-    };
     let deadline = |hang: &Option<(Instant, String)>, to_runner: Option<Duration>, last_progress: Instant| {
         if let Some((at, _)) = hang {
-            (*at + spec.deadlines.grace, "hang")
+            (*at + spec.deadlines.grace, Armed::Hang)
         } else if to_runner.is_none() {
-            (t0 + spec.deadlines.boot, "boot")
+            (t0 + spec.deadlines.boot, Armed::Boot)
         } else {
-            (last_progress + spec.deadlines.stall, "stall")
+            (last_progress + spec.deadlines.stall, Armed::Stall)
         }
     };
     loop {
@@ -382,34 +450,33 @@ pub fn boot(spec: BootSpec<'_>) -> Result<BootOutcome> {
         let left = deadline_at.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.min(Duration::from_millis(500))) {
             Ok(line) => {
+                lineno += 1;
                 writeln!(console, "{line}").with_context(|| format!("Failed to write {}", console_path.display()))?;
-                if to_runner.is_none() && console::has_marker(&line, console::MARK_RUNNER) {
-                    to_runner = Some(t0.elapsed());
+                if let Some(ev) = GuestEvent::parse(&line) {
+                    match &ev {
+                        GuestEvent::RunnerStarted => {
+                            to_runner.get_or_insert(t0.elapsed());
+                        }
+                        GuestEvent::ScenarioStarted { id, .. } => {
+                            // A runner-started line garbled by interleaved kernel
+                            // output must not leave the boot deadline armed.
+                            to_runner.get_or_insert(t0.elapsed());
+                            progress = Progress { scenario: Some(id.clone()), step: None };
+                        }
+                        GuestEvent::StepFinished { index, .. } => progress.step = Some(*index),
+                        GuestEvent::Done { rc } => done = Some(*rc),
+                        GuestEvent::BenchStarted | GuestEvent::BenchSample { .. } => {}
+                    }
                     last_progress = Instant::now();
+                    (spec.on_event)(&BootEvent::Guest(ev));
+                } else if let Some(kind) = console::splat_in_line(&line) {
+                    let splat = Splat { kind, line: lineno, text: line.trim_end().to_string() };
+                    if hang.is_none() && kind.is_hang() {
+                        hang = Some((Instant::now(), line.clone()));
+                    }
+                    (spec.on_event)(&BootEvent::Splat(splat.clone()));
+                    splats.push(splat);
                 }
-                if let Some(rest) = line.split(console::MARK_SCENARIO).nth(1) {
-                    // A runner marker garbled by interleaved kernel output must
-                    // not leave the boot deadline armed once scenarios run.
-                    to_runner.get_or_insert(t0.elapsed());
-                    progress = Progress { scenario: rest.split_whitespace().next().map(String::from), step: None };
-                    last_progress = Instant::now();
-                } else if let Some(st) = console::step_line(&line) {
-                    progress.step = Some(st.index);
-                    last_progress = Instant::now();
-                }
-                if console::has_marker(&line, console::MARK_BENCH) {
-                    last_progress = Instant::now();
-                }
-                if console::has_marker(&line, console::MARK_DONE) {
-                    done = true;
-                    last_progress = Instant::now();
-                }
-                if hang.is_none()
-                    && matches!(console::splat_in_line(&line), Some("hung task" | "soft lockup" | "RCU stall"))
-                {
-                    hang = Some((Instant::now(), line.clone()));
-                }
-                (spec.on_line)(&line);
                 tail.push_back(line);
                 if tail.len() > 15 {
                     tail.pop_front();
@@ -420,125 +487,60 @@ pub fn boot(spec: BootSpec<'_>) -> Result<BootOutcome> {
         }
         // Checked after every line too: a guest that keeps printing (a printk
         // storm, a looping process) must not keep the watchdog from firing.
-        let (deadline_at, what) = deadline(&hang, to_runner, last_progress);
+        let (deadline_at, armed) = deadline(&hang, to_runner, last_progress);
         if Instant::now() >= deadline_at {
             let _ = qemu.child().kill();
-            let why = match what {
-                "hang" => format!(
-                    "the guest kernel reported a hang ({})",
-                    hang.as_ref().map(|(_, l)| l.trim()).unwrap_or_default()
-                ),
-                "boot" => format!(
-                    "boot deadline: the runner did not start within {} of QEMU starting",
-                    util::fmt_duration(spec.deadlines.boot)
-                ),
-                _ => format!("watchdog: no progress for {}", util::fmt_duration(spec.deadlines.stall)),
-            };
-            failure = Some(format!(
-                "{why}; QEMU killed while the guest was in {}. Console: {}; it last printed:\n{}",
-                progress.describe(spec.plan),
-                console_path.display(),
-                last_lines(&tail)
-            ));
-            // A kernel that reports its own hang is the kernel's fault; a silent stall is ours to explain.
-            infra = what != "hang";
+            end = Some(match armed {
+                Armed::Hang => {
+                    BootEnd::KernelHang { report: hang.as_ref().map(|(_, l)| l.clone()).unwrap_or_default() }
+                }
+                Armed::Boot => BootEnd::BootDeadline { after_s: spec.deadlines.boot.as_secs_f64() },
+                Armed::Stall => BootEnd::RunDeadline { after_s: spec.deadlines.stall.as_secs_f64() },
+            });
             break;
         }
     }
     let _ = reader.join();
     let status = qemu.child().wait().context("Failed to wait for QEMU")?;
     let wall = t0.elapsed();
-    console.flush()?;
+    console.flush().with_context(|| format!("Failed to write {}", console_path.display()))?;
     drop(console);
-    let log = std::fs::read_to_string(&console_path).unwrap_or_default();
-    let splats = console::scan(&log);
-    let crashed =
-        splats.iter().find(|s| matches!(s.kind, "Kernel panic" | "Oops" | "BUG" | "general protection fault"));
-    let qerr = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-    if failure.is_none() && (!status.success() || qerr.contains("terminating on signal")) {
-        // QEMU exits 0 after SIGINT/SIGTERM ("terminating on signal 2").
-        let what = match status.signal() {
-            Some(sig) => format!("QEMU was killed by signal {sig} (interrupted?)"),
-            None if qerr.contains("terminating on signal") => "QEMU was stopped by a signal (interrupted?)".into(),
-            None => format!("QEMU exited with {status}"),
-        };
-        failure = Some(format!(
-            "{what} while the guest was in {}. QEMU said: {}; console: {}",
-            progress.describe(spec.plan),
-            if qerr.trim().is_empty() { "nothing" } else { qerr.trim() },
-            console_path.display()
-        ));
-        infra = true;
-    }
-    if failure.is_none() && !done {
-        failure = Some(match crashed {
-            Some(c) => format!(
-                "the guest kernel crashed ({}: {} at console.log:{}). Console: {}; it last printed:\n{}",
-                c.kind,
-                c.text.trim(),
-                c.line,
-                console_path.display(),
-                last_lines(&tail)
-            ),
-            None => {
-                infra = true;
-                format!(
-                    "the guest powered off before pinlab-init printed {} and no kernel crash is on the console. \
-                     Console: {}; it last printed:\n{}",
-                    console::MARK_DONE,
-                    console_path.display(),
-                    last_lines(&tail)
-                )
-            }
-        });
-    }
-    let results_path = share.join("guest-results.json");
-    let results = match std::fs::read(&results_path) {
-        Ok(b) => Some(
-            serde_json::from_slice::<BootResults>(&b)
-                .with_context(|| format!("Failed to parse {}", results_path.display()))?,
-        ),
-        Err(_) => None,
+    let qerr = fs_err::read_to_string(&qemu_log).unwrap_or_default();
+    let end = end.unwrap_or_else(|| {
+        if !status.success() || qerr.contains("terminating on signal") {
+            // QEMU exits 0 after SIGINT/SIGTERM ("terminating on signal 2").
+            let what = match status.signal() {
+                Some(sig) => format!("QEMU was killed by signal {sig} (interrupted?)"),
+                None if qerr.contains("terminating on signal") => "QEMU was stopped by a signal (interrupted?)".into(),
+                None => format!("QEMU exited with {status}"),
+            };
+            BootEnd::QemuFailed { status: what, stderr: qerr.trim().to_string() }
+        } else if let Some(rc) = done {
+            BootEnd::Completed { rc }
+        } else if let Some(c) = splats.iter().find(|s| s.kind.is_fatal()) {
+            BootEnd::KernelCrashed { splat: c.clone() }
+        } else {
+            BootEnd::PoweredOff
+        }
+    });
+    let results_path = share.join(RESULTS_FILE);
+    let results = match fs_err::read(&results_path) {
+        Ok(b) => serde_json::from_slice::<BootResults>(&b)
+            .map(Some)
+            .map_err(|e| format!("{} is not a results file: {e}", results_path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("Failed to read {}: {e}", results_path.display())),
     };
-    if results.is_none() && failure.is_none() {
-        failure = Some(format!("the guest wrote no {}; console: {}", results_path.display(), console_path.display()));
-        infra = true;
-    }
-    if failure.is_none() {
-        let failed: Vec<String> = results
-            .iter()
-            .flat_map(|r| r.selftests.iter())
-            .filter(|t| t.outcome != "ok" && t.outcome != "skip")
-            .map(|t| format!("{} ({})", t.name, t.detail))
-            .collect();
-        if !failed.is_empty() {
-            failure = Some(format!("selftests failed: {}", failed.join("; ")));
-        }
-    }
-    if failure.is_none() {
-        let failed_setup: Vec<String> = results
-            .iter()
-            .flat_map(|r| r.setup.iter())
-            .filter(|s| s.outcome != "ok")
-            .map(|s| format!("{}: {} ({})", s.name, s.outcome, s.detail))
-            .collect();
-        match results.as_ref().and_then(|r| r.fsck.as_ref()) {
-            Some(f) if f.outcome == "ok" => {}
-            Some(f) => failure = Some(format!("filesystem check failed: {}: {} {}", f.name, f.outcome, f.detail)),
-            None if !failed_setup.is_empty() => {
-                failure = Some(format!("guest setup failed: {}", failed_setup.join("; ")));
-                infra = true;
-            }
-            None => {
-                failure = Some(format!(
-                    "the runner did not check the filesystem at the end; console: {}",
-                    console_path.display()
-                ));
-                infra = true;
-            }
-        }
-    }
-    Ok(BootOutcome { console: console_path, results, splats, failure, infra, wall, to_runner })
+    Ok(Boot {
+        end,
+        during: progress.describe(spec.plan),
+        console: console_path,
+        tail: tail.into(),
+        splats,
+        results,
+        wall,
+        to_runner,
+    })
 }
 
 #[cfg(test)]
@@ -547,21 +549,21 @@ mod tests {
 
     /// Boot a fake QEMU (a shell script printing `console` lines) with a
     /// fake virtiofsd that only creates its socket, and tight deadlines.
-    fn fake_boot(console: &str) -> BootOutcome {
+    fn fake_boot(console: &str) -> (Boot, Vec<BootEvent>) {
         let d = tempfile::tempdir().unwrap();
         let script = |name: &str, body: &str| {
             let p = d.path().join(name);
-            std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            fs_err::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            fs_err::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
             p
         };
         // --socket-path SOCK ...: create SOCK, then wait to be killed.
         let vfs = script("virtiofsd", "touch \"$2\"; exec sleep 30");
         let qemu = script("qemu", console);
         let (rootfs, dir) = (d.path().join("rootfs"), d.path().join("boot"));
-        std::fs::create_dir_all(&rootfs).unwrap();
-        std::fs::create_dir_all(&dir).unwrap();
+        fs_err::create_dir_all(&rootfs).unwrap();
+        fs_err::create_dir_all(&dir).unwrap();
         let plan = Plan {
             flavor: pinlab_scenarios::Flavor::Stock,
             fs: pinlab_scenarios::Fs::Ext4,
@@ -569,7 +571,8 @@ mod tests {
             selftests: Vec::new(),
             bench: None,
         };
-        let mut on_line = |_: &str| {};
+        let mut seen = Vec::new();
+        let mut on_event = |e: &BootEvent| seen.push(e.clone());
         let out = boot(BootSpec {
             qemu: &qemu,
             kernel: Path::new("/nonexistent/bzImage"),
@@ -583,64 +586,88 @@ mod tests {
                 stall: Duration::from_secs(2),
                 grace: Duration::from_secs(1),
             },
-            on_line: &mut on_line,
+            on_event: &mut on_event,
         })
         .unwrap();
         // The console log survives for the report.
-        assert!(std::fs::read_to_string(&out.console).is_ok());
-        out
+        assert!(fs_err::read_to_string(&out.console).is_ok());
+        (out, seen)
+    }
+
+    /// A shell command printing `ev`'s console line.
+    fn say(ev: GuestEvent) -> String {
+        format!("echo '{}'", ev.line())
     }
 
     #[test]
     fn a_silent_guest_misses_the_boot_deadline() {
         let t = Instant::now();
-        let out = fake_boot("echo 'Linux version 6.12'; exec sleep 30");
-        let f = out.failure.unwrap();
-        assert!(f.starts_with("boot deadline"), "{f}");
-        assert!(f.contains("Linux version 6.12") && f.contains("console.log"), "{f}");
-        assert!(out.infra);
+        let (out, _) = fake_boot("echo 'Linux version 6.12'; exec sleep 30");
+        assert_eq!(out.end, BootEnd::BootDeadline { after_s: 2.0 });
+        assert!(out.end.is_infra());
+        assert_eq!(out.tail, vec!["Linux version 6.12".to_string()]);
         assert!(t.elapsed() < Duration::from_secs(10));
     }
 
     #[test]
     fn a_panic_is_the_kernels_failure_not_the_infrastructures() {
-        let out = fake_boot(
-            "echo PINLAB-RUNNER-START; echo '[    3.1] Kernel panic - not syncing: Attempted to kill init!'; exit 0",
-        );
-        let f = out.failure.unwrap();
-        assert!(f.starts_with("the guest kernel crashed (Kernel panic"), "{f}");
-        assert!(!out.infra);
-        assert_eq!(out.splats[0].kind, "Kernel panic");
+        let (out, seen) = fake_boot(&format!(
+            "{}; echo '[    3.1] Kernel panic - not syncing: Attempted to kill init!'; exit 0",
+            say(GuestEvent::RunnerStarted)
+        ));
+        let BootEnd::KernelCrashed { splat } = &out.end else { panic!("{:?}", out.end) };
+        assert_eq!((splat.kind, splat.line), (console::SplatKind::KernelPanic, 2));
+        assert!(!out.end.is_infra());
+        assert_eq!(seen[0], BootEvent::Guest(GuestEvent::RunnerStarted));
+        assert!(matches!(&seen[1], BootEvent::Splat(s) if s.kind == console::SplatKind::KernelPanic));
+    }
+
+    #[test]
+    fn a_completed_boot_streams_its_events_in_order() {
+        let evs = [
+            GuestEvent::RunnerStarted,
+            GuestEvent::ScenarioStarted { id: "S01".into(), title: "t".into() },
+            GuestEvent::Done { rc: 0 },
+        ];
+        let script: Vec<String> = evs.iter().cloned().map(say).collect();
+        let (out, seen) = fake_boot(&format!("{}; exit 0", script.join("; ")));
+        assert_eq!(out.end, BootEnd::Completed { rc: 0 });
+        let guest: Vec<GuestEvent> =
+            seen.into_iter().filter_map(|e| if let BootEvent::Guest(g) = e { Some(g) } else { None }).collect();
+        assert_eq!(guest, evs.to_vec());
+        assert_eq!(out.results, Ok(None));
+        assert!(out.to_runner.is_some());
+    }
+
+    #[test]
+    fn a_failing_qemu_is_named() {
+        let (out, _) = fake_boot("echo 'qemu-system-x86_64: -device nvdimm: no such device' >&2; exit 1");
+        let BootEnd::QemuFailed { status, stderr } = &out.end else { panic!("{:?}", out.end) };
+        assert!(status.contains("exit status: 1") && stderr.contains("no such device"), "{status} {stderr}");
+        assert!(out.end.is_infra());
     }
 
     #[test]
     fn a_stalled_guest_trips_the_watchdog_even_while_it_keeps_printing() {
         // A printk storm: lines keep coming, no step ever finishes.
         let t = Instant::now();
-        let out = fake_boot("echo PINLAB-RUNNER-START; while :; do echo '[ 9.9] rcu: noise'; done");
-        let f = out.failure.unwrap();
-        assert!(f.starts_with("watchdog: no progress for 2.0s"), "{f}");
-        assert!(f.contains("before the first scenario"), "{f}");
-        assert!(out.infra);
+        let (out, _) =
+            fake_boot(&format!("{}; while :; do echo '[ 9.9] rcu: noise'; done", say(GuestEvent::RunnerStarted)));
+        assert_eq!(out.end, BootEnd::RunDeadline { after_s: 2.0 });
+        assert_eq!(out.during, "before the first scenario (lab setup or selftests)");
+        assert!(out.end.is_infra());
         assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     }
 
     #[test]
     fn a_hung_task_report_ends_the_boot_after_its_grace() {
-        let out = fake_boot(
-            "echo PINLAB-RUNNER-START; echo '[ 30.0] INFO: task truncate:77 blocked for more than 20 seconds.'; \
-             exec sleep 30",
-        );
-        let f = out.failure.unwrap();
-        assert!(f.starts_with("the guest kernel reported a hang (") && f.contains("blocked for more than"), "{f}");
-        assert!(!out.infra);
-    }
-
-    #[test]
-    fn accel_parse() {
-        assert_eq!("kvm".parse::<Accel>().unwrap(), Accel::Kvm);
-        assert_eq!("tcg".parse::<Accel>().unwrap(), Accel::Tcg);
-        assert!("hvf".parse::<Accel>().is_err());
+        let (out, _) = fake_boot(&format!(
+            "{}; echo '[ 30.0] INFO: task truncate:77 blocked for more than 20 seconds.'; exec sleep 30",
+            say(GuestEvent::RunnerStarted)
+        ));
+        let BootEnd::KernelHang { report } = &out.end else { panic!("{:?}", out.end) };
+        assert!(report.contains("blocked for more than"), "{report}");
+        assert!(!out.end.is_infra());
     }
 
     #[test]

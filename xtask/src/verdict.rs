@@ -1,0 +1,241 @@
+//! Judging a boot, in one place: how it ended, kernel splats, missing
+//! results, selftests, the filesystem check, and every cell's expectations.
+//! [`crate::vm`] only reports what happened; this module says whether that
+//! is what the specs expect.
+
+use crate::report::{step_line, BootRecord};
+use crate::vm::{Boot, BootEnd};
+use pinlab_scenarios::protocol::StepOutcome;
+use pinlab_scenarios::results::{self, BootResults, CellResult, TapOutcome};
+use pinlab_scenarios::spec::Scenario;
+use pinlab_scenarios::{Flavor, Fs};
+use std::path::Path;
+
+/// Why a boot as a whole failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// For people: what, where the guest was, the console's last lines.
+    pub text: String,
+    /// pinlab's or the host's fault (a deadline, QEMU, missing results,
+    /// guest set-up), not the kernel's answer.
+    pub infra: bool,
+}
+
+/// Whether the boot itself went wrong, whatever the cells say. Splats are
+/// judged separately ([`splats_fail`]).
+pub fn boot_problem(boot: &Boot) -> Option<Problem> {
+    let console = boot.console.display();
+    let last_lines = || boot.tail.iter().map(|l| format!("    {l}")).collect::<Vec<_>>().join("\n");
+    if let Some(what) = boot.end.describe() {
+        let killed =
+            matches!(boot.end, BootEnd::BootDeadline { .. } | BootEnd::RunDeadline { .. } | BootEnd::KernelHang { .. });
+        let text = match &boot.end {
+            BootEnd::QemuFailed { .. } => format!("{what}; the guest was in {}. Console: {console}", boot.during),
+            _ => format!(
+                "{what}; {}the guest was in {}. Console: {console}; it last printed:\n{}",
+                if killed { "QEMU killed while " } else { "" },
+                boot.during,
+                last_lines()
+            ),
+        };
+        return Some(Problem { text, infra: boot.end.is_infra() });
+    }
+    let r = match &boot.results {
+        Err(e) => return Some(Problem { text: format!("{e}; console: {console}"), infra: true }),
+        Ok(None) => {
+            return Some(Problem {
+                text: format!("the guest wrote no {}; console: {console}", pinlab_scenarios::protocol::RESULTS_FILE),
+                infra: true,
+            })
+        }
+        Ok(Some(r)) => r,
+    };
+    results_problem(r, &console.to_string())
+}
+
+/// What is wrong in a completed boot's results: failed selftests, a dirty
+/// filesystem, a failed guest set-up, a missing filesystem check.
+fn results_problem(r: &BootResults, console: &str) -> Option<Problem> {
+    let failed: Vec<String> = r
+        .selftests
+        .iter()
+        .filter(|t| t.outcome == TapOutcome::Fail)
+        .map(|t| format!("{} ({})", t.label(), t.detail))
+        .collect();
+    if !failed.is_empty() {
+        return Some(Problem { text: format!("selftests failed: {}", failed.join("; ")), infra: false });
+    }
+    let failed_setup: Vec<String> = r.setup.iter().filter(|s| !s.outcome.is_ok()).map(step_line).collect();
+    match &r.fsck {
+        Some(f) if f.outcome.is_ok() => None,
+        Some(f) => Some(Problem {
+            text: format!("filesystem check failed: {}: {} {}", f.name, f.outcome, f.detail),
+            infra: false,
+        }),
+        None if !failed_setup.is_empty() => {
+            Some(Problem { text: format!("guest setup failed: {}", failed_setup.join("; ")), infra: true })
+        }
+        None => Some(Problem {
+            text: format!("the runner did not check the filesystem at the end; console: {console}"),
+            infra: true,
+        }),
+    }
+}
+
+/// Whether the kernel's splats fail the boot. Today every splat does, on
+/// every flavor; per-flavor expected splats (with a reason) belong here.
+pub fn splats_fail(boot: &Boot, _flavor: Flavor) -> bool {
+    !boot.splats.is_empty()
+}
+
+/// Judge one boot of a run: a cell per scenario it ran, and its record.
+pub fn judge(
+    boot: &Boot,
+    scenarios: &[&Scenario],
+    flavor: Flavor,
+    fs: Fs,
+    kernel_key: &str,
+    run_dir: &Path,
+) -> (Vec<CellResult>, BootRecord) {
+    let problem = boot_problem(boot);
+    let boot_ok = problem.is_none() && !splats_fail(boot, flavor);
+    let res = boot.results.as_ref().ok().and_then(Option::as_ref);
+    let mut cells = Vec::new();
+    for s in scenarios {
+        let got = res.and_then(|r| r.scenarios.iter().find(|x| x.id == s.id));
+        let mut c = results::check(s, flavor, fs, got);
+        // A splat or a dead boot fails every cell of that boot.
+        c.pass &= boot_ok;
+        if got.is_none() {
+            if let Some(p) = &problem {
+                c.not_run = Some(p.text.lines().next().unwrap_or(&p.text).to_string());
+            }
+        }
+        cells.push(c);
+    }
+    let rel = |p: &Path| p.strip_prefix(run_dir).unwrap_or(p).display().to_string();
+    let record = BootRecord {
+        flavor,
+        fs,
+        kernel: res.map(|r| r.kernel.clone()).unwrap_or_default(),
+        kernel_key: kernel_key.to_string(),
+        wall_s: boot.wall.as_secs_f64(),
+        to_runner_s: boot.to_runner.map(|d| d.as_secs_f64()),
+        console: rel(&boot.console),
+        end: Some(boot.end.clone()),
+        splats: boot.splats.clone(),
+        failure: problem.as_ref().map(|p| p.text.clone()),
+        infra: problem.as_ref().is_some_and(|p| p.infra),
+        setup: res.map(|r| r.setup.clone()).unwrap_or_default(),
+        fsck: res.and_then(|r| r.fsck.clone()),
+        selftests: res.map(|r| r.selftests.clone()).unwrap_or_default(),
+    };
+    (cells, record)
+}
+
+/// The cells and record of a boot that could not run at all.
+pub fn not_run(specs: &[Scenario], flavor: Flavor, key: &str, fs: Fs, why: &str) -> (Vec<CellResult>, BootRecord) {
+    let cells = specs
+        .iter()
+        .filter(|s| s.runs_on(fs))
+        .map(|s| {
+            let mut c = results::check(s, flavor, fs, None);
+            c.not_run = Some(why.lines().next().unwrap_or(why).to_string());
+            c
+        })
+        .collect();
+    let boot = BootRecord {
+        flavor,
+        fs,
+        kernel: String::new(),
+        kernel_key: key.to_string(),
+        wall_s: 0.0,
+        to_runner_s: None,
+        console: String::new(),
+        end: None,
+        splats: Vec::new(),
+        failure: Some(format!("not run: {why}")),
+        infra: true,
+        setup: Vec::new(),
+        fsck: None,
+        selftests: Vec::new(),
+    };
+    (cells, boot)
+}
+
+/// How a step compares with its expectation, for `--explain`.
+pub fn step_mark(expected: &StepOutcome, actual: &StepOutcome) -> &'static str {
+    if expected == actual {
+        "✓"
+    } else {
+        "✗"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::{Splat, SplatKind};
+    use pinlab_scenarios::results::{SelftestResult, StepResult};
+    use std::time::Duration;
+
+    fn boot(end: BootEnd, results: Option<BootResults>) -> Boot {
+        Boot {
+            end,
+            during: "scenario S05, step 4 (truncate)".into(),
+            console: "/run/x/stock-ext4/console.log".into(),
+            tail: vec!["[ 1.0] last line".into()],
+            splats: vec![],
+            results: Ok(results),
+            wall: Duration::from_secs(3),
+            to_runner: Some(Duration::from_secs(1)),
+        }
+    }
+
+    fn step(name: &str, outcome: StepOutcome) -> StepResult {
+        StepResult { name: name.into(), outcome, detail: String::new(), ms: 1.0 }
+    }
+
+    fn clean() -> BootResults {
+        BootResults { fsck: Some(step("e2fsck -f -n /dev/pmem0", StepOutcome::Ok)), ..Default::default() }
+    }
+
+    #[test]
+    fn each_end_is_judged_and_classified() {
+        let deadline = boot_problem(&boot(BootEnd::RunDeadline { after_s: 90.0 }, None)).unwrap();
+        assert!(deadline.infra);
+        assert!(deadline.text.starts_with("watchdog: no progress for 1m30s; QEMU killed while the guest was in scenario S05, step 4 (truncate). Console: /run/x/stock-ext4/console.log; it last printed:\n    [ 1.0] last line"), "{}", deadline.text);
+        let splat = Splat { kind: SplatKind::Oops, line: 7, text: "Oops: 0000".into() };
+        let crash = boot_problem(&boot(BootEnd::KernelCrashed { splat }, None)).unwrap();
+        assert!(!crash.infra);
+        assert!(
+            crash.text.starts_with("the guest kernel crashed (Oops: Oops: 0000 at console.log:7); the guest was in"),
+            "{}",
+            crash.text
+        );
+        assert_eq!(boot_problem(&boot(BootEnd::Completed { rc: 0 }, Some(clean()))), None);
+        let nothing = boot_problem(&boot(BootEnd::Completed { rc: 0 }, None)).unwrap();
+        assert!(nothing.infra && nothing.text.contains("wrote no guest-results.json"), "{}", nothing.text);
+    }
+
+    #[test]
+    fn results_problems() {
+        let mut r = clean();
+        r.selftests.push(SelftestResult {
+            program: "layout_lease".into(),
+            test: "pin".into(),
+            outcome: TapOutcome::Fail,
+            detail: String::new(),
+        });
+        let p = boot_problem(&boot(BootEnd::Completed { rc: 0 }, Some(r))).unwrap();
+        assert_eq!(p, Problem { text: "selftests failed: layout_lease: pin ()".into(), infra: false });
+        let mut r = clean();
+        r.fsck = Some(step("xfs_repair -n", StepOutcome::Error));
+        assert!(!boot_problem(&boot(BootEnd::Completed { rc: 0 }, Some(r))).unwrap().infra);
+        let mut r = clean();
+        r.fsck = None;
+        r.setup.push(step("mkfs", StepOutcome::Errno("EIO".into())));
+        let p = boot_problem(&boot(BootEnd::Completed { rc: 1 }, Some(r))).unwrap();
+        assert!(p.infra && p.text == "guest setup failed: mkfs: EIO ()", "{}", p.text);
+    }
+}

@@ -14,14 +14,16 @@
 //! figures exist). Nothing here knows what a "good" number is; the host
 //! compares with the targets.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::unistd::ftruncate;
 use pinlab_scenarios::bench::{key, BenchPlan, BenchResults, Figure};
 use pinlab_scenarios::plan::LeaseKind;
 
+use crate::lease::set_lease;
 use crate::rdma::{self, Device, Mr};
 use crate::region::Region;
 use crate::worker::{ADDR, CLIENT, PMEM_MNT};
@@ -44,14 +46,6 @@ fn sample(fig: &mut Figure, progress: &mut dyn FnMut(&Figure), f: impl FnOnce() 
         Err(e) => fig.error = Some(e.to_string()),
     }
     progress(fig);
-}
-
-fn set_lease(file: &File, kind: LeaseKind) -> Result<(), StepError> {
-    // SAFETY: fcntl on a descriptor we own, integer argument.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, kind.arg()) } != 0 {
-        return Err(StepError::last_os(format!("fcntl(F_SETLEASE, {} = {})", kind.c_name(), kind.arg())));
-    }
-    Ok(())
 }
 
 /// A fresh FS-DAX file region of `len` bytes at `path` (checked to be DAX)
@@ -79,14 +73,14 @@ fn touch_pages(region: &mut Region) {
 
 fn timed_reg(dev: &Device, region: &Region) -> Result<(Mr, Duration), StepError> {
     let t = Instant::now();
-    let mr = dev.reg_mr(region.as_mut_ptr(), region.len())?;
+    let mr = dev.reg_mr(region, 0..region.len())?;
     Ok((mr, t.elapsed()))
 }
 
 /// One RDMA WRITE of the whole region by `rdma-client`, then every byte
 /// checked; returns the client's MiB/s.
 fn write_and_verify(dev: &Device, region: &Region) -> Result<f64, StepError> {
-    let mr = dev.reg_mr(region.as_mut_ptr(), region.len())?;
+    let mr = dev.reg_mr(region, 0..region.len())?;
     let (_, report) = rdma::write_from_client(dev, &mr, CLIENT, ADDR, Duration::from_secs(120))?;
     mr.dereg()?;
     if let Some((off, got, want)) = rdma::first_pattern_mismatch(region.as_slice()) {
@@ -99,15 +93,14 @@ fn write_and_verify(dev: &Device, region: &Region) -> Result<f64, StepError> {
 
 /// Time a call that must fail with ETXTBSY (a layout change over pinned
 /// pages). Success is an error of the bench: blocks under a live MR went away.
-fn timed_etxtbsy(what: &str, call: impl FnOnce() -> libc::c_int) -> Result<f64, StepError> {
+fn timed_etxtbsy(what: &str, call: impl FnOnce() -> nix::Result<()>) -> Result<f64, StepError> {
     let t = Instant::now();
     let r = call();
     let took = t.elapsed();
-    let err = std::io::Error::last_os_error();
-    match (r, err.raw_os_error()) {
-        (0, _) => Err(StepError::other(format!("{what} succeeded over pinned pages (expected ETXTBSY)"))),
-        (_, Some(libc::ETXTBSY)) => Ok(took.as_secs_f64() * 1e6),
-        (_, e) => Err(StepError::errno(e.unwrap_or(0), format!("{what}: {err} (expected ETXTBSY)"))),
+    match r {
+        Ok(()) => Err(StepError::other(format!("{what} succeeded over pinned pages (expected ETXTBSY)"))),
+        Err(Errno::ETXTBSY) => Ok(took.as_secs_f64() * 1e6),
+        Err(e) => Err(StepError::errno(e as i32, format!("{what}: {} (expected ETXTBSY)", std::io::Error::from(e)))),
     }
 }
 
@@ -217,20 +210,19 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
     // (the pins stay), then truncate and punch must fail at once.
     let pinned_path = mnt.join("bench-pinned");
     let pinned = leased_dax_file(&pinned_path, reg_len).and_then(|region| {
-        let mr = dev.reg_mr(region.as_mut_ptr(), region.len())?;
+        let mr = dev.reg_mr(&region, 0..region.len())?;
         let file = region.backing_file().ok_or_else(|| StepError::other("file region without a file"))?;
         set_lease(file, LeaseKind::Unlock)?;
         Ok((region, mr))
     });
     match &pinned {
         Ok((region, _)) => {
-            let fd = region.backing_file().map(|f| f.as_raw_fd()).unwrap_or(-1);
+            let file = region.backing_file();
             let mid = libc::off_t::try_from(reg_len / 2).unwrap_or(0);
             let two_mib = libc::off_t::try_from(2 * MIB).unwrap_or(0);
-            // SAFETY (all four): plain syscalls on an fd we own; no memory is passed.
-            let punch_call =
-                || unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, mid, two_mib) };
-            let trunc_call = || unsafe { libc::ftruncate(fd, 0) };
+            let punch_mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            let punch_call = || fallocate(file.ok_or(Errno::EBADF)?, punch_mode, mid, two_mib);
+            let trunc_call = || ftruncate(file.ok_or(Errno::EBADF)?, 0);
             let punch_name = "fallocate(PUNCH_HOLE|KEEP_SIZE)";
             sample(&mut punch_first, progress, || timed_etxtbsy(punch_name, punch_call));
             for _ in 0..plan.fail_reps {

@@ -8,11 +8,16 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::num::NonZeroUsize;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+use nix::sys::mman::{self, MapFlags, ProtFlags};
 
 use crate::StepError;
 
@@ -52,15 +57,34 @@ fn io_errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
 
-/// `mmap(NULL, len, PROT_READ|PROT_WRITE, flags, fd, 0)` with the errno in the error.
-fn map(len: usize, flags: libc::c_int, fd: libc::c_int, what: &str) -> Result<NonNull<u8>, StepError> {
+const RW: ProtFlags = ProtFlags::PROT_READ.union(ProtFlags::PROT_WRITE);
+
+/// A mapping length for nix; a zero length fails as the kernel would fail
+/// `mmap` (`EINVAL`), with the same text.
+fn map_len(len: usize, what: &str) -> Result<NonZeroUsize, StepError> {
+    NonZeroUsize::new(len).ok_or_else(|| StepError::sys(Errno::EINVAL, format!("mmap({what}, len={len})")))
+}
+
+/// `mmap(NULL, len, PROT_READ|PROT_WRITE, MAP_ANONYMOUS|flags, -1, 0)` with
+/// the errno in the error.
+fn map_anon(len: usize, flags: MapFlags, what: &str) -> Result<NonNull<u8>, StepError> {
+    let n = map_len(len, what)?;
     // SAFETY: a fresh mapping at an address the kernel chooses (addr = NULL);
-    // it does not alias any Rust object. The result is checked for MAP_FAILED.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
-    if p == libc::MAP_FAILED {
-        return Err(StepError::last_os(format!("mmap({what}, len={len})")));
-    }
-    NonNull::new(p.cast::<u8>()).ok_or_else(|| StepError::other(format!("mmap({what}, len={len}) returned NULL")))
+    // it does not alias any Rust object.
+    let p = unsafe { mman::mmap_anonymous(None, n, RW, flags) }
+        .map_err(|e| StepError::sys(e, format!("mmap({what}, len={len})")))?;
+    Ok(p.cast::<u8>())
+}
+
+/// `mmap(NULL, len, PROT_READ|PROT_WRITE, MAP_SHARED, fd, 0)` with the
+/// errno in the error.
+fn map_shared(len: usize, file: &File, what: &str) -> Result<NonNull<u8>, StepError> {
+    let n = map_len(len, what)?;
+    // SAFETY: a fresh mapping at an address the kernel chooses (addr = NULL);
+    // it does not alias any Rust object.
+    let p = unsafe { mman::mmap(None, n, RW, MapFlags::MAP_SHARED, file, 0) }
+        .map_err(|e| StepError::sys(e, format!("mmap({what}, len={len})")))?;
+    Ok(p.cast::<u8>())
 }
 
 fn open_error(e: io::Error, flags: &str, path: &Path) -> StepError {
@@ -71,11 +95,10 @@ impl Region {
     /// `mmap(MAP_SHARED|MAP_ANONYMOUS, PROT_READ|PROT_WRITE)`, every page
     /// written (zeroed) so the pages exist before registration.
     pub fn anon(len: usize) -> Result<Region, StepError> {
-        let ptr = map(len, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, "MAP_SHARED|MAP_ANONYMOUS")?;
-        // SAFETY: ptr..ptr+len is the writable mapping just created, owned
-        // by nobody else yet.
-        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, len) };
-        Ok(Region { ptr, len, kind: RegionKind::Anon, file: None, path: None, extra: Vec::new() })
+        let ptr = map_anon(len, MapFlags::MAP_SHARED, "MAP_SHARED|MAP_ANONYMOUS")?;
+        let mut region = Region { ptr, len, kind: RegionKind::Anon, file: None, path: None, extra: Vec::new() };
+        region.as_mut_slice().fill(0);
+        Ok(region)
     }
 
     /// Create a fresh file at `path` (`O_CREAT|O_TRUNC|O_RDWR`, mode 0644),
@@ -94,12 +117,9 @@ impl Region {
         let off_len = libc::off_t::try_from(len).map_err(|_| {
             StepError::errno(libc::EFBIG, format!("fallocate({}, len={len}): length too large", path.display()))
         })?;
-        // SAFETY: plain syscall on an fd we own; no memory is passed.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, off_len) };
-        if r != 0 {
-            return Err(StepError::last_os(format!("fallocate({}, mode=0, 0, len={len})", path.display())));
-        }
-        let ptr = map(len, libc::MAP_SHARED, file.as_raw_fd(), &format!("{}, MAP_SHARED", path.display()))?;
+        fallocate(&file, FallocateFlags::empty(), 0, off_len)
+            .map_err(|e| StepError::sys(e, format!("fallocate({}, mode=0, 0, len={len})", path.display())))?;
+        let ptr = map_shared(len, &file, &format!("{}, MAP_SHARED", path.display()))?;
         Ok(Region {
             ptr,
             len,
@@ -122,7 +142,7 @@ impl Region {
             .checked_mul(paths.len())
             .ok_or_else(|| StepError::errno(libc::EFBIG, format!("{} files of {each} bytes", paths.len())))?;
         // Reserve the whole range, then replace it piece by piece with MAP_FIXED.
-        let base = map(total, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, "reservation")?;
+        let base = map_anon(total, MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE, "reservation")?;
         let mut region = Region {
             ptr: base,
             len: total,
@@ -134,24 +154,15 @@ impl Region {
         for (i, p) in paths.iter().enumerate() {
             let single = Region::file(p, each)?;
             // Move the file's mapping into its slot: map the fd again there.
-            let fd = single.file.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
+            let file = single.backing_file().ok_or_else(|| StepError::other("a file region without its file"))?;
+            let at = (base.as_ptr() as usize).checked_add(i * each).and_then(NonZeroUsize::new).ok_or_else(|| {
+                StepError::other(format!("{} files of {each} bytes overflow the address space", i + 1))
+            })?;
+            let n = map_len(each, &format!("{}, MAP_SHARED|MAP_FIXED", p.display()))?;
             // SAFETY: base+i*each..+each lies inside our own reservation (no
             // Rust object lives there); MAP_FIXED replaces that part of it.
-            let at = unsafe { base.as_ptr().add(i * each) };
-            // SAFETY: as above; the result is checked for MAP_FAILED.
-            let r = unsafe {
-                libc::mmap(
-                    at.cast(),
-                    each,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_FIXED,
-                    fd,
-                    0,
-                )
-            };
-            if r == libc::MAP_FAILED {
-                return Err(StepError::last_os(format!("mmap({}, len={each}, MAP_SHARED|MAP_FIXED)", p.display())));
-            }
+            unsafe { mman::mmap(Some(at), n, RW, MapFlags::MAP_SHARED | MapFlags::MAP_FIXED, file, 0) }
+                .map_err(|e| StepError::sys(e, format!("mmap({}, len={each}, MAP_SHARED|MAP_FIXED)", p.display())))?;
             let mut single = single;
             let file = single.take_file();
             drop(single);
@@ -189,7 +200,7 @@ impl Region {
             }
         }
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| open_error(e, "O_RDWR", path))?;
-        let ptr = map(len, libc::MAP_SHARED, file.as_raw_fd(), &format!("{}, MAP_SHARED", path.display()))?;
+        let ptr = map_shared(len, &file, &format!("{}, MAP_SHARED", path.display()))?;
         let region = Region {
             ptr,
             len,
@@ -245,6 +256,15 @@ impl Region {
         // SAFETY: as in as_slice, plus PROT_WRITE; &mut self makes the
         // borrow unique on the Rust side.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The `len` mapped bytes at `addr`, if they lie inside this region
+    /// (e.g. the memory an MR registered, while the region still maps it).
+    /// Only meaningful when nothing writes them concurrently, as for
+    /// [`Region::as_slice`].
+    pub fn bytes_at(&self, addr: *const u8, len: usize) -> Option<&[u8]> {
+        let start = (addr as usize).checked_sub(self.ptr.as_ptr() as usize)?;
+        self.as_slice().get(start..start.checked_add(len)?)
     }
 
     /// The open file behind the mapping: the data file for file regions, the
@@ -354,10 +374,8 @@ impl Drop for Region {
     fn drop(&mut self) {
         // SAFETY: ptr/len describe the mapping this Region created and still
         // owns; no borrow of it outlives self.
-        let r = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            eprintln!("pinlab: munmap({:p}, {}) failed: {e}", self.ptr.as_ptr(), self.len);
+        if let Err(e) = unsafe { mman::munmap(self.ptr.cast(), self.len) } {
+            eprintln!("pinlab: munmap({:p}, {}) failed: {}", self.ptr.as_ptr(), self.len, io::Error::from(e));
         }
     }
 }
@@ -385,7 +403,7 @@ mod tests {
     #[test]
     fn anon_zero_length_reports_einval() {
         let e = Region::anon(0).unwrap_err();
-        assert_eq!(e.errno, Some(libc::EINVAL));
+        assert_eq!(e.failure.errno(), Some(libc::EINVAL));
         assert!(e.message.contains("mmap"), "{e}");
     }
 
@@ -410,19 +428,51 @@ mod tests {
     }
 
     #[test]
+    fn files_are_mapped_back_to_back() {
+        let paths = [tmp("files-0"), tmp("files-1")];
+        {
+            let mut r = Region::files(&paths, 4096).unwrap();
+            assert_eq!(r.len(), 2 * 4096);
+            r.as_mut_slice()[1] = 1;
+            r.as_mut_slice()[4096 + 2] = 2;
+            assert_eq!(r.path(), Some(paths[0].as_path()));
+            assert_eq!(r.take_files().len(), 2);
+        }
+        assert_eq!(&std::fs::read(&paths[0]).unwrap()[..3], &[0, 1, 0]);
+        assert_eq!(&std::fs::read(&paths[1]).unwrap()[..3], &[0, 0, 2]);
+        for p in &paths {
+            std::fs::remove_file(p).unwrap();
+        }
+        let e = Region::files(&[], 4096).unwrap_err();
+        assert_eq!(e.failure.errno(), None);
+    }
+
+    #[test]
+    fn bytes_at_stays_inside_the_region() {
+        let mut r = Region::anon(2 * 4096).unwrap();
+        r.as_mut_slice()[4096] = 9;
+        let base = r.as_mut_ptr().cast_const();
+        assert_eq!(r.bytes_at(base.wrapping_add(4096), 4096).map(|b| b[0]), Some(9));
+        assert_eq!(r.bytes_at(base, 2 * 4096).map(<[u8]>::len), Some(2 * 4096));
+        assert!(r.bytes_at(base.wrapping_add(4096), 4097).is_none());
+        assert!(r.bytes_at(base.wrapping_sub(1), 1).is_none());
+        assert!(r.bytes_at(base, usize::MAX).is_none());
+    }
+
+    #[test]
     fn file_in_missing_dir_names_the_call() {
         let e = Region::file(Path::new("/nonexistent-pinlab/x"), 4096).unwrap_err();
-        assert_eq!(e.errno, Some(libc::ENOENT));
+        assert_eq!(e.failure.errno(), Some(libc::ENOENT));
         assert!(e.message.starts_with("open(/nonexistent-pinlab/x, O_CREAT"), "{e}");
     }
 
     #[test]
     fn devdax_checks_alignment_before_opening() {
         let e = Region::devdax(Path::new("/dev/dax-pinlab-none"), 4096).unwrap_err();
-        assert_eq!(e.errno, Some(libc::EINVAL));
+        assert_eq!(e.failure.errno(), Some(libc::EINVAL));
         assert!(e.message.contains("multiple"), "{e}");
         let e = Region::devdax(Path::new("/dev/dax-pinlab-none"), 2 << 20).unwrap_err();
-        assert_eq!(e.errno, Some(libc::ENOENT));
+        assert_eq!(e.failure.errno(), Some(libc::ENOENT));
     }
 
     #[test]

@@ -8,15 +8,22 @@
 //! Nothing is coordinated by sleeping: requests and answers go over the
 //! socket, and exits are observed through pidfds.
 
+use crate::lease;
 use crate::rdma::{self, Device, Mr};
 use crate::region::Region;
 use crate::StepError;
-use pinlab_scenarios::errno;
-use pinlab_scenarios::plan::{pattern_byte, Action, LeaseKind, Proc, Target, TruncVia};
+use nix::errno::Errno;
+use nix::fcntl::FallocateFlags;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::unistd::ForkResult;
+use pinlab_scenarios::plan::{pattern_byte, Action, FallocMode, LeaseKind, Proc, Target, TruncVia};
+use pinlab_scenarios::protocol::worker::{Hello, Reply, Request};
+use pinlab_scenarios::protocol::StepOutcome;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -31,45 +38,12 @@ pub const PMEM_MNT: &str = "/mnt/pmem";
 /// The RDMA WRITE client, in the rootfs.
 pub const CLIENT: &str = "/usr/local/bin/rdma-client";
 
-/// First message of a worker.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Hello {
-    /// Its role.
-    pub role: Proc,
-    /// Its pid.
-    pub pid: i32,
-}
-
-/// The runner asks a worker to do one action.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Request {
-    /// What to do.
-    pub action: Action,
-}
-
-/// A worker's answer.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Reply {
-    /// `ok`, an errno name, `mismatch` or `error`.
-    pub outcome: String,
-    /// What happened, for people.
-    pub detail: String,
-}
-
-impl Reply {
-    /// From an action's result.
-    pub fn from_result(r: Result<String, StepError>) -> Reply {
-        match r {
-            Ok(detail) => Reply { outcome: "ok".into(), detail },
-            Err(e) => Reply {
-                outcome: match e.errno {
-                    Some(n) => errno::name(n),
-                    None if e.message.starts_with("mismatch") => "mismatch".into(),
-                    None => "error".into(),
-                },
-                detail: e.message,
-            },
-        }
+/// A worker's answer to `r`, an action's result: `ok` with its detail, or
+/// the failure's outcome with its message.
+pub fn reply(r: Result<String, StepError>) -> Reply {
+    match r {
+        Ok(detail) => Reply { outcome: StepOutcome::Ok, detail },
+        Err(e) => Reply { outcome: e.outcome(), detail: e.message },
     }
 }
 
@@ -115,16 +89,16 @@ pub struct Worker {
     written: Option<usize>,
 }
 
-fn sys(r: libc::c_int, what: impl FnOnce() -> String) -> Result<libc::c_int, StepError> {
-    if r < 0 {
-        Err(StepError::last_os(what()))
-    } else {
-        Ok(r)
-    }
+fn io_err(e: std::io::Error, what: String) -> StepError {
+    StepError::io(&e, what)
 }
 
-fn io_err(e: std::io::Error, what: String) -> StepError {
-    StepError::errno(e.raw_os_error().unwrap_or(0), format!("{what}: {e}"))
+/// The process's RDMA context, opened on first use.
+fn device(dev: &mut Option<Device>) -> Result<&Device, StepError> {
+    match dev {
+        Some(d) => Ok(d),
+        None => Ok(dev.insert(Device::open(Some(RXE)).map_err(|e| StepError::other(format!("open {RXE}: {e:#}")))?)),
+    }
 }
 
 impl Worker {
@@ -144,29 +118,23 @@ impl Worker {
         }
     }
 
-    fn device(&mut self) -> Result<&Device, StepError> {
-        if self.dev.is_none() {
-            self.dev = Some(Device::open(Some(RXE)).map_err(|e| StepError::other(format!("open {RXE}: {e:#}")))?);
-        }
-        Ok(self.dev.as_ref().expect("just set"))
-    }
-
-    fn fds(&self) -> Result<Vec<RawFd>, StepError> {
+    /// The descriptors of the files this process mapped (at least one).
+    fn files(&self) -> Result<&[File], StepError> {
         if self.files.is_empty() {
             return Err(StepError::other(format!("the {} holds no descriptor of the file", self.role.name())));
         }
-        Ok(self.files.iter().map(|f| f.as_raw_fd()).collect())
+        Ok(&self.files)
     }
 
-    /// A descriptor of the scenario's main file: this process's own if it has
-    /// one, else a fresh `O_WRONLY` one (returned too, so it stays open).
-    fn data_fd(&self) -> Result<(RawFd, Option<File>), StepError> {
-        if let Some(f) = self.files.first() {
-            return Ok((f.as_raw_fd(), None));
+    /// Run `f` on a descriptor of the scenario's main file: this process's
+    /// own if it has one, else a fresh `O_WRONLY` one (closed afterwards).
+    fn with_data_file<T>(&self, f: impl FnOnce(&File) -> Result<T, StepError>) -> Result<T, StepError> {
+        if let Some(mine) = self.files.first() {
+            return f(mine);
         }
         let p = self.ctx.file(0);
-        let f = OpenOptions::new().write(true).open(&p).map_err(|e| io_err(e, format!("open({})", p.display())))?;
-        Ok((f.as_raw_fd(), Some(f)))
+        let fresh = OpenOptions::new().write(true).open(&p).map_err(|e| io_err(e, format!("open({})", p.display())))?;
+        f(&fresh)
     }
 
     /// Listen for an SCM_RIGHTS hand-over (the receiver does this at start).
@@ -191,278 +159,27 @@ impl Worker {
     }
 
     /// Do one action. `Kill`, `FilePins` and `Remount` need the runner's view
-    /// of the other processes and are handled there.
+    /// of the other processes and are handled there; `Fork` and `Exit` by
+    /// the worker's main loop ([`serve`]).
     pub fn exec(&mut self, action: &Action) -> Result<String, StepError> {
         match action {
-            Action::Map { target, size, files } => {
-                let len = size.0 as usize;
-                let r = match target {
-                    Target::Anon => Region::anon(len)?,
-                    Target::File if *files <= 1 => {
-                        let p = self.ctx.file(self.next_file);
-                        let _ = std::fs::remove_file(&p);
-                        Region::file(&p, len)?
-                    }
-                    Target::File => {
-                        let paths: Vec<PathBuf> =
-                            (self.next_file..self.next_file + *files as usize).map(|i| self.ctx.file(i)).collect();
-                        for p in &paths {
-                            let _ = std::fs::remove_file(p);
-                        }
-                        Region::files(&paths, len)?
-                    }
-                    Target::Devdax => Region::devdax(Path::new(&self.ctx.devdax), len)?,
-                };
-                let dax = r.is_dax()?;
-                let what = match (target, dax) {
-                    (Target::File, Some(d)) => format!(
-                        "{}, {len} bytes each, MAP_SHARED at {:p}, STATX_ATTR_DAX={}",
-                        (self.next_file..self.next_file + *files as usize)
-                            .map(|i| self.ctx.file(i).display().to_string())
-                            .collect::<Vec<_>>()
-                            .join(" + "),
-                        r.as_mut_ptr(),
-                        d as u8
-                    ),
-                    (Target::Devdax, _) => {
-                        format!("{} MAP_SHARED, {len} bytes at {:p}", self.ctx.devdax, r.as_mut_ptr())
-                    }
-                    _ => format!("anonymous MAP_SHARED, {len} bytes at {:p}", r.as_mut_ptr()),
-                };
-                let mut r = r;
-                if *target == Target::File {
-                    self.next_file += *files as usize;
-                }
-                self.files.extend(r.take_files());
-                self.regions.push(r);
-                Ok(what)
-            }
-            Action::RegMr | Action::RegMrRange { .. } => {
-                let r = self.regions.last().ok_or_else(|| StepError::other("reg_mr before map"))?;
-                let (off, len) = match action {
-                    Action::RegMrRange { offset, len } => (offset.0 as usize, len.0 as usize),
-                    _ => (0, r.len()),
-                };
-                if off.checked_add(len).is_none_or(|end| end > r.len()) {
-                    return Err(StepError::other(format!(
-                        "reg_mr range {off}+{len} is outside the {}-byte region",
-                        r.len()
-                    )));
-                }
-                // SAFETY: off+len <= r.len(), checked above.
-                let ptr = unsafe { r.as_mut_ptr().add(off) };
-                let mr = self.device()?.reg_mr(ptr, len)?;
-                let d = format!(
-                    "MR #{}: lkey={:#x} rkey={:#x}, {len} bytes at {ptr:p}",
-                    self.mrs.len() + 1,
-                    mr.lkey(),
-                    mr.rkey()
-                );
-                self.mrs.push(mr);
-                Ok(d)
-            }
-            Action::RdmaWrite => {
-                let mr = self.mrs.last().ok_or_else(|| StepError::other("rdma_write before reg_mr"))?;
-                let dev = self.dev.as_ref().ok_or_else(|| StepError::other("no device"))?;
-                let (pid, report) = rdma::write_from_client(dev, mr, CLIENT, ADDR, Duration::from_secs(30))?;
-                self.written = Some(mr.len());
-                Ok(format!(
-                    "rdma-client (pid {pid}) RDMA-WROTE {} bytes into MR rkey={:#x}: {}",
-                    mr.len(),
-                    mr.rkey(),
-                    serde_json::to_string(&report).unwrap_or_default()
-                ))
-            }
-            Action::Verify => {
-                let mr = self.mrs.last().ok_or_else(|| StepError::other("verify without an MR"))?;
-                if self.written.is_none() {
-                    return Err(StepError::other("verify before rdma_write"));
-                }
-                let (a, n) = (mr.addr() as usize, mr.len());
-                if !self
-                    .regions
-                    .iter()
-                    .any(|r| (r.as_mut_ptr() as usize) <= a && a + n <= r.as_mut_ptr() as usize + r.len())
-                {
-                    return Err(StepError::other("verify: the MR's memory is no longer mapped in this process"));
-                }
-                // SAFETY: the MR covers mapped memory of one of our regions, which are still mapped.
-                let bytes = unsafe { std::slice::from_raw_parts(mr.addr().cast_const(), mr.len()) };
-                match crate::rdma::first_pattern_mismatch(bytes) {
-                    None => Ok(format!("all {} bytes in the MR match the client's pattern", bytes.len())),
-                    Some((i, got, want)) => {
-                        Err(StepError::other(format!("mismatch at offset {i}: found {got:#04x}, expected {want:#04x}")))
-                    }
-                }
-            }
-            Action::DeregMr => {
-                if self.mrs.is_empty() {
-                    return Err(StepError::other("dereg_mr without an MR"));
-                }
-                let n = self.mrs.len();
-                for mr in self.mrs.drain(..) {
-                    mr.dereg()?;
-                }
-                Ok(format!("{n} MR(s) deregistered; their pages unpinned"))
-            }
-            Action::Lease { kind } => {
-                let fds = self.fds()?;
-                for fd in &fds {
-                    // SAFETY: fcntl on a descriptor we own, integer argument.
-                    sys(unsafe { libc::fcntl(*fd, libc::F_SETLEASE, kind.arg()) }, || {
-                        format!("fcntl(fd {fd}, F_SETLEASE, {} = {})", kind.c_name(), kind.arg())
-                    })?;
-                }
-                Ok(format!("fcntl(F_SETLEASE, {} = {}) = 0 on {} file(s)", kind.c_name(), kind.arg(), fds.len()))
-            }
-            Action::CheckLease { is } => {
-                let fd = self.fds()?[0];
-                // SAFETY: fcntl on a descriptor we own.
-                let v = sys(unsafe { libc::fcntl(fd, libc::F_GETLEASE) }, || format!("fcntl(fd {fd}, F_GETLEASE)"))?;
-                let name = [
-                    LeaseKind::Layout,
-                    LeaseKind::LayoutExclusive,
-                    LeaseKind::Read,
-                    LeaseKind::Write,
-                    LeaseKind::Unlock,
-                ]
-                .into_iter()
-                .find(|k| k.arg() == v)
-                .map(|k| k.c_name())
-                .unwrap_or("?");
-                if v == is.arg() {
-                    Ok(format!("F_GETLEASE = {v} ({name})"))
-                } else {
-                    Err(StepError::other(format!(
-                        "mismatch: F_GETLEASE = {v} ({name}), expected {} ({})",
-                        is.arg(),
-                        is.c_name()
-                    )))
-                }
-            }
-            Action::Truncate { size, via } => {
-                let p = self.ctx.file(0);
-                let t = Instant::now();
-                match via {
-                    TruncVia::Path => {
-                        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-                            .map_err(|e| StepError::other(e.to_string()))?;
-                        // SAFETY: valid C string, plain syscall.
-                        sys(unsafe { libc::truncate(c.as_ptr(), size.0 as libc::off_t) }, || {
-                            format!("truncate({}, {})", p.display(), size.0)
-                        })?;
-                    }
-                    TruncVia::Fd => {
-                        let (fd, _own) = self.data_fd()?;
-                        // SAFETY: plain syscall on a descriptor we hold.
-                        sys(unsafe { libc::ftruncate(fd, size.0 as libc::off_t) }, || {
-                            format!("ftruncate({}, {})", p.display(), size.0)
-                        })?;
-                    }
-                }
-                Ok(format!("{} to {} bytes succeeded in {} us", p.display(), size.0, t.elapsed().as_micros()))
-            }
-            Action::Fallocate { mode, offset, len } => {
-                let p = self.ctx.file(0);
-                let (fd, _own) = self.data_fd()?;
-                // SAFETY: plain syscall on a descriptor we hold.
-                sys(
-                    unsafe { libc::fallocate(fd, mode.bits(), offset.0 as libc::off_t, len.0 as libc::off_t) },
-                    || format!("fallocate({}, {mode:?}, {}, {})", p.display(), offset.0, len.0),
-                )?;
-                Ok(format!("fallocate({mode:?}, offset {}, len {}) = 0", offset.0, len.0))
-            }
-            Action::Write { offset, len } => {
-                let p = self.ctx.file(0);
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&p)
-                    .map_err(|e| io_err(e, format!("open({}, O_WRONLY)", p.display())))?;
-                let buf = vec![0x5au8; len.0 as usize];
-                f.write_all_at(&buf, offset.0)
-                    .map_err(|e| io_err(e, format!("pwrite({}, {}, {})", p.display(), len.0, offset.0)))?;
-                Ok(format!("pwrite of {} bytes at offset {} of {} succeeded", len.0, offset.0, p.display()))
-            }
-            Action::CloseFile => {
-                if self.files.is_empty() {
-                    return Err(StepError::other("close_file: no descriptor"));
-                }
-                let mut closed = Vec::new();
-                for f in self.files.drain(..) {
-                    let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
-                    // SAFETY: we own fd (taken from the File above) and close it once.
-                    sys(unsafe { libc::close(fd) }, || format!("close({fd})"))?;
-                    closed.push(fd.to_string());
-                }
-                Ok(format!("close({}) = 0; the mapping and the MR stay", closed.join(", ")))
-            }
-            Action::Unmap => {
-                let n = self.regions.len();
-                self.regions.clear();
-                Ok(format!("{n} region(s) unmapped; the descriptor and the MR stay"))
-            }
-            Action::SendUverbs { to } => {
-                let fd = self
-                    .dev
-                    .as_ref()
-                    .map(|d| d.uverbs_fd())
-                    .ok_or_else(|| StepError::other("send_uverbs: this process has no RDMA context"))?;
-                let p = self.ctx.receiver_socket();
-                let s = UnixStream::connect(&p).map_err(|e| io_err(e, format!("connect {}", p.display())))?;
-                let fds = [fd];
-                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
-                let iov = [std::io::IoSlice::new(b"U")];
-                nix::sys::socket::sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, nix::sys::socket::MsgFlags::empty(), None)
-                    .map_err(|e| {
-                        StepError::errno(e as i32, format!("sendmsg(SCM_RIGHTS, uverbs fd {fd}) to the {}", to.name()))
-                    })?;
-                Ok(format!("uverbs fd {fd} sent to the {} with SCM_RIGHTS", to.name()))
-            }
-            Action::RecvUverbs => {
-                let l = self.rx_listener.as_ref().ok_or_else(|| StepError::other("recv_uverbs: not listening"))?;
-                let (s, _) = l.accept().map_err(|e| io_err(e, "accept".into()))?;
-                let mut buf = [0u8; 1];
-                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-                let mut space = nix::cmsg_space!([RawFd; 1]);
-                let msg = nix::sys::socket::recvmsg::<()>(
-                    s.as_raw_fd(),
-                    &mut iov,
-                    Some(&mut space),
-                    nix::sys::socket::MsgFlags::empty(),
-                )
-                .map_err(|e| StepError::errno(e as i32, "recvmsg(SCM_RIGHTS)"))?;
-                let mut got = None;
-                for c in msg.cmsgs().map_err(|e| StepError::errno(e as i32, "cmsgs"))? {
-                    if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
-                        got = fds.first().copied();
-                    }
-                }
-                let fd = got.ok_or_else(|| StepError::other("recvmsg carried no fd"))?;
-                // SAFETY: SCM_RIGHTS installed this fd in our table; we own it now.
-                self.uverbs_rx = Some(unsafe { OwnedFd::from_raw_fd(fd) });
-                let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
-                Ok(format!("received fd {fd} -> {}", target.display()))
-            }
-            Action::CloseUverbs => {
-                let fd = self.uverbs_rx.take().ok_or_else(|| StepError::other("close_uverbs: no received fd"))?;
-                let n = fd.as_raw_fd();
-                drop(fd);
-                Ok(format!("closed the received uverbs fd {n}"))
-            }
-            Action::VerifyFile { len } => {
-                let p = self.ctx.file(0);
-                let mut f = File::open(&p).map_err(|e| io_err(e, format!("open({})", p.display())))?;
-                let mut buf = vec![0u8; len.0 as usize];
-                f.read_exact(&mut buf).map_err(|e| io_err(e, format!("read({}, {})", p.display(), len.0)))?;
-                match buf.iter().enumerate().find(|(i, b)| **b != pattern_byte(*i as u64)) {
-                    None => Ok(format!("read() of {} returns the client's {} bytes", p.display(), len.0)),
-                    Some((i, b)) => Err(StepError::other(format!(
-                        "mismatch: {} offset {i} holds {b:#04x}, expected {:#04x}",
-                        p.display(),
-                        pattern_byte(i as u64)
-                    ))),
-                }
-            }
+            Action::Map { target, size, files } => self.map(*target, size.0 as usize, *files as usize),
+            Action::RegMr => self.reg_mr(None),
+            Action::RegMrRange { offset, len } => self.reg_mr(Some((offset.0 as usize, len.0 as usize))),
+            Action::RdmaWrite => self.rdma_write(),
+            Action::Verify => self.verify(),
+            Action::DeregMr => self.dereg_mr(),
+            Action::Lease { kind } => self.lease(*kind),
+            Action::CheckLease { is } => self.check_lease(*is),
+            Action::Truncate { size, via } => self.truncate(size.0, *via),
+            Action::Fallocate { mode, offset, len } => self.fallocate(*mode, offset.0, len.0),
+            Action::Write { offset, len } => self.write(offset.0, len.0),
+            Action::CloseFile => self.close_file(),
+            Action::Unmap => self.unmap(),
+            Action::SendUverbs { to } => self.send_uverbs(*to),
+            Action::RecvUverbs => self.recv_uverbs(),
+            Action::CloseUverbs => self.close_uverbs(),
+            Action::VerifyFile { len } => self.verify_file(len.0),
             Action::Fork | Action::Exit | Action::Kill { .. } | Action::FilePins { .. } | Action::Remount { .. } => {
                 Err(StepError::other(format!(
                     "{} is not something the {} can do by itself",
@@ -470,6 +187,259 @@ impl Worker {
                     self.role.name()
                 )))
             }
+        }
+    }
+
+    /// `map`: a fresh region of `len` bytes (`files` files of `len` bytes
+    /// each for [`Target::File`]).
+    fn map(&mut self, target: Target, len: usize, files: usize) -> Result<String, StepError> {
+        let names = self.next_file..self.next_file + files;
+        let mut r = match target {
+            Target::Anon => Region::anon(len)?,
+            Target::File if files <= 1 => {
+                let p = self.ctx.file(self.next_file);
+                let _ = std::fs::remove_file(&p);
+                Region::file(&p, len)?
+            }
+            Target::File => {
+                let paths: Vec<PathBuf> = names.clone().map(|i| self.ctx.file(i)).collect();
+                for p in &paths {
+                    let _ = std::fs::remove_file(p);
+                }
+                Region::files(&paths, len)?
+            }
+            Target::Devdax => Region::devdax(Path::new(&self.ctx.devdax), len)?,
+        };
+        let dax = r.is_dax()?;
+        let what = match (target, dax) {
+            (Target::File, Some(d)) => format!(
+                "{}, {len} bytes each, MAP_SHARED at {:p}, STATX_ATTR_DAX={}",
+                names.map(|i| self.ctx.file(i).display().to_string()).collect::<Vec<_>>().join(" + "),
+                r.as_mut_ptr(),
+                d as u8
+            ),
+            (Target::Devdax, _) => format!("{} MAP_SHARED, {len} bytes at {:p}", self.ctx.devdax, r.as_mut_ptr()),
+            _ => format!("anonymous MAP_SHARED, {len} bytes at {:p}", r.as_mut_ptr()),
+        };
+        if target == Target::File {
+            self.next_file += files;
+        }
+        self.files.extend(r.take_files());
+        self.regions.push(r);
+        Ok(what)
+    }
+
+    /// `reg_mr` on the last mapped region: all of it, or `(offset, len)` of it.
+    fn reg_mr(&mut self, part: Option<(usize, usize)>) -> Result<String, StepError> {
+        let r = self.regions.last().ok_or_else(|| StepError::other("reg_mr before map"))?;
+        let (off, len) = part.unwrap_or((0, r.len()));
+        let Some(end) = off.checked_add(len).filter(|&end| end <= r.len()) else {
+            return Err(StepError::other(format!("reg_mr range {off}+{len} is outside the {}-byte region", r.len())));
+        };
+        let mr = device(&mut self.dev)?.reg_mr(r, off..end)?;
+        let d = format!(
+            "MR #{}: lkey={:#x} rkey={:#x}, {len} bytes at {:p}",
+            self.mrs.len() + 1,
+            mr.lkey(),
+            mr.rkey(),
+            mr.addr()
+        );
+        self.mrs.push(mr);
+        Ok(d)
+    }
+
+    /// `rdma_write`: an `rdma-client` writes the pattern into the last MR.
+    fn rdma_write(&mut self) -> Result<String, StepError> {
+        let mr = self.mrs.last().ok_or_else(|| StepError::other("rdma_write before reg_mr"))?;
+        let dev = self.dev.as_ref().ok_or_else(|| StepError::other("no device"))?;
+        let (pid, report) = rdma::write_from_client(dev, mr, CLIENT, ADDR, Duration::from_secs(30))?;
+        self.written = Some(mr.len());
+        Ok(format!(
+            "rdma-client (pid {pid}) RDMA-WROTE {} bytes into MR rkey={:#x}: {}",
+            mr.len(),
+            mr.rkey(),
+            serde_json::to_string(&report).unwrap_or_default()
+        ))
+    }
+
+    /// `verify`: the last MR's bytes, read through this process's mapping,
+    /// are the client's pattern.
+    fn verify(&self) -> Result<String, StepError> {
+        let mr = self.mrs.last().ok_or_else(|| StepError::other("verify without an MR"))?;
+        if self.written.is_none() {
+            return Err(StepError::other("verify before rdma_write"));
+        }
+        let bytes = self
+            .regions
+            .iter()
+            .find_map(|r| r.bytes_at(mr.addr(), mr.len()))
+            .ok_or_else(|| StepError::other("verify: the MR's memory is no longer mapped in this process"))?;
+        match crate::rdma::first_pattern_mismatch(bytes) {
+            None => Ok(format!("all {} bytes in the MR match the client's pattern", bytes.len())),
+            Some((i, got, want)) => {
+                Err(StepError::mismatch(format!("mismatch at offset {i}: found {got:#04x}, expected {want:#04x}")))
+            }
+        }
+    }
+
+    /// `dereg_mr`: every MR this process holds.
+    fn dereg_mr(&mut self) -> Result<String, StepError> {
+        if self.mrs.is_empty() {
+            return Err(StepError::other("dereg_mr without an MR"));
+        }
+        let n = self.mrs.len();
+        for mr in self.mrs.drain(..) {
+            mr.dereg()?;
+        }
+        Ok(format!("{n} MR(s) deregistered; their pages unpinned"))
+    }
+
+    /// `lease`: `F_SETLEASE` on every file this process mapped.
+    fn lease(&self, kind: LeaseKind) -> Result<String, StepError> {
+        let files = self.files()?;
+        for f in files {
+            lease::set_lease(f, kind)?;
+        }
+        Ok(format!("fcntl(F_SETLEASE, {} = {}) = 0 on {} file(s)", kind.c_name(), kind.arg(), files.len()))
+    }
+
+    /// `check_lease`: `F_GETLEASE` on the first file says `is`.
+    fn check_lease(&self, is: LeaseKind) -> Result<String, StepError> {
+        let v = lease::get_lease(&self.files()?[0])?;
+        let name = lease::kind_of(v).map(|k| k.c_name()).unwrap_or("?");
+        if v == is.arg() {
+            Ok(format!("F_GETLEASE = {v} ({name})"))
+        } else {
+            Err(StepError::mismatch(format!(
+                "mismatch: F_GETLEASE = {v} ({name}), expected {} ({})",
+                is.arg(),
+                is.c_name()
+            )))
+        }
+    }
+
+    /// `truncate`: the scenario's file to `size`, by path or descriptor.
+    fn truncate(&self, size: u64, via: TruncVia) -> Result<String, StepError> {
+        let p = self.ctx.file(0);
+        let t = Instant::now();
+        match via {
+            TruncVia::Path => nix::unistd::truncate(&p, size as libc::off_t)
+                .map_err(|e| StepError::sys(e, format!("truncate({}, {size})", p.display())))?,
+            TruncVia::Fd => self.with_data_file(|f| {
+                nix::unistd::ftruncate(f, size as libc::off_t)
+                    .map_err(|e| StepError::sys(e, format!("ftruncate({}, {size})", p.display())))
+            })?,
+        }
+        Ok(format!("{} to {size} bytes succeeded in {} us", p.display(), t.elapsed().as_micros()))
+    }
+
+    /// `fallocate` on the scenario's file.
+    fn fallocate(&self, mode: FallocMode, offset: u64, len: u64) -> Result<String, StepError> {
+        let p = self.ctx.file(0);
+        self.with_data_file(|f| {
+            let flags = FallocateFlags::from_bits_retain(mode.bits());
+            nix::fcntl::fallocate(f, flags, offset as libc::off_t, len as libc::off_t)
+                .map_err(|e| StepError::sys(e, format!("fallocate({}, {mode:?}, {offset}, {len})", p.display())))
+        })?;
+        Ok(format!("fallocate({mode:?}, offset {offset}, len {len}) = 0"))
+    }
+
+    /// `write`: `pwrite` through a fresh descriptor.
+    fn write(&self, offset: u64, len: u64) -> Result<String, StepError> {
+        let p = self.ctx.file(0);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(|e| io_err(e, format!("open({}, O_WRONLY)", p.display())))?;
+        let buf = vec![0x5au8; len as usize];
+        f.write_all_at(&buf, offset).map_err(|e| io_err(e, format!("pwrite({}, {len}, {offset})", p.display())))?;
+        Ok(format!("pwrite of {len} bytes at offset {offset} of {} succeeded", p.display()))
+    }
+
+    /// `close_file`: `close()` every descriptor of the files; the mappings stay.
+    fn close_file(&mut self) -> Result<String, StepError> {
+        if self.files.is_empty() {
+            return Err(StepError::other("close_file: no descriptor"));
+        }
+        let mut closed = Vec::new();
+        for f in self.files.drain(..) {
+            let fd = f.as_raw_fd();
+            nix::unistd::close(f).map_err(|e| StepError::sys(e, format!("close({fd})")))?;
+            closed.push(fd.to_string());
+        }
+        Ok(format!("close({}) = 0; the mapping and the MR stay", closed.join(", ")))
+    }
+
+    /// `unmap`: `munmap()` every region; descriptors and MRs stay.
+    fn unmap(&mut self) -> Result<String, StepError> {
+        let n = self.regions.len();
+        self.regions.clear();
+        Ok(format!("{n} region(s) unmapped; the descriptor and the MR stay"))
+    }
+
+    /// `send_uverbs`: the RDMA context's fd to `to`, with SCM_RIGHTS.
+    fn send_uverbs(&self, to: Proc) -> Result<String, StepError> {
+        let fd = self
+            .dev
+            .as_ref()
+            .map(|d| d.uverbs_fd())
+            .ok_or_else(|| StepError::other("send_uverbs: this process has no RDMA context"))?;
+        let p = self.ctx.receiver_socket();
+        let s = UnixStream::connect(&p).map_err(|e| io_err(e, format!("connect {}", p.display())))?;
+        let fds = [fd];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let iov = [std::io::IoSlice::new(b"U")];
+        sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).map_err(|e| {
+            StepError::errno(e as i32, format!("sendmsg(SCM_RIGHTS, uverbs fd {fd}) to the {}", to.name()))
+        })?;
+        Ok(format!("uverbs fd {fd} sent to the {} with SCM_RIGHTS", to.name()))
+    }
+
+    /// `recv_uverbs`: accept one SCM_RIGHTS hand-over and keep the fd.
+    fn recv_uverbs(&mut self) -> Result<String, StepError> {
+        let l = self.rx_listener.as_ref().ok_or_else(|| StepError::other("recv_uverbs: not listening"))?;
+        let (s, _) = l.accept().map_err(|e| io_err(e, "accept".into()))?;
+        let mut buf = [0u8; 1];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([RawFd; 1]);
+        let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+            .map_err(|e| StepError::errno(e as i32, "recvmsg(SCM_RIGHTS)"))?;
+        let mut got = None;
+        for c in msg.cmsgs().map_err(|e| StepError::errno(e as i32, "cmsgs"))? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                got = fds.first().copied();
+            }
+        }
+        let fd = got.ok_or_else(|| StepError::other("recvmsg carried no fd"))?;
+        // SAFETY: SCM_RIGHTS installed this fd in our table and nothing else
+        // refers to it; we take sole ownership here.
+        self.uverbs_rx = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap_or_default();
+        Ok(format!("received fd {fd} -> {}", target.display()))
+    }
+
+    /// `close_uverbs`: close the received fd.
+    fn close_uverbs(&mut self) -> Result<String, StepError> {
+        let fd = self.uverbs_rx.take().ok_or_else(|| StepError::other("close_uverbs: no received fd"))?;
+        let n = fd.as_raw_fd();
+        drop(fd);
+        Ok(format!("closed the received uverbs fd {n}"))
+    }
+
+    /// `verify_file`: `read()` of the scenario's file returns the client's
+    /// pattern over the first `len` bytes.
+    fn verify_file(&self, len: u64) -> Result<String, StepError> {
+        let p = self.ctx.file(0);
+        let mut f = File::open(&p).map_err(|e| io_err(e, format!("open({})", p.display())))?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact(&mut buf).map_err(|e| io_err(e, format!("read({}, {len})", p.display())))?;
+        match buf.iter().enumerate().find(|(i, b)| **b != pattern_byte(*i as u64)) {
+            None => Ok(format!("read() of {} returns the client's {len} bytes", p.display())),
+            Some((i, b)) => Err(StepError::mismatch(format!(
+                "mismatch: {} offset {i} holds {b:#04x}, expected {:#04x}",
+                p.display(),
+                pattern_byte(i as u64)
+            ))),
         }
     }
 }
@@ -528,19 +498,20 @@ pub fn serve(role: Proc, ctx: Context) -> ! {
             Action::Exit => {
                 let _ = send(
                     &mut s,
-                    &Reply { outcome: "ok".into(), detail: format!("pid {} exits now", std::process::id()) },
+                    &Reply { outcome: StepOutcome::Ok, detail: format!("pid {} exits now", std::process::id()) },
                 );
                 // No destructors: no dereg, no munmap, no close. The kernel does it all at exit.
-                // SAFETY: _exit is async-signal-safe and ends the process at once.
+                // SAFETY: _exit is async-signal-safe and ends the process at once; skipping
+                // Rust destructors is the point (nix has no _exit).
                 unsafe { libc::_exit(0) }
             }
-            Action::Fork => {
-                // SAFETY: this worker is single-threaded (no thread was spawned),
-                // so the child may go on running ordinary Rust code.
-                let pid = unsafe { libc::fork() };
-                if pid < 0 {
-                    let _ = send(&mut s, &Reply::from_result(Err(StepError::last_os("fork()"))));
-                } else if pid == 0 {
+            // SAFETY: this worker is single-threaded (no thread was spawned),
+            // so the child may go on running ordinary Rust code.
+            Action::Fork => match unsafe { nix::unistd::fork() } {
+                Err(e) => {
+                    let _ = send(&mut s, &reply(Err(StepError::sys(e, "fork()"))));
+                }
+                Ok(ForkResult::Child) => {
                     // The child: a worker of its own, with everything the parent had.
                     w.role = Proc::Child;
                     match connect(&ctx, Proc::Child) {
@@ -554,18 +525,19 @@ pub fn serve(role: Proc, ctx: Context) -> ! {
                             unsafe { libc::_exit(1) }
                         }
                     }
-                } else {
+                }
+                Ok(ForkResult::Parent { child }) => {
                     let _ = send(
                         &mut s,
                         &Reply {
-                            outcome: "ok".into(),
-                            detail: format!("fork() = {pid}; the child shares the uverbs fd and the mappings"),
+                            outcome: StepOutcome::Ok,
+                            detail: format!("fork() = {child}; the child shares the uverbs fd and the mappings"),
                         },
                     );
                 }
-            }
+            },
             other => {
-                let rep = Reply::from_result(w.exec(&other));
+                let rep = reply(w.exec(&other));
                 if send(&mut s, &rep).is_err() {
                     std::process::exit(0);
                 }
@@ -574,31 +546,101 @@ pub fn serve(role: Proc, ctx: Context) -> ! {
     }
 }
 
-/// The pids of a worker's process, for the runner.
+/// A pidfd for `pid` (a worker's process), for the runner to wait on.
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, StepError> {
-    // SAFETY: plain syscall; the result is checked.
+    // SAFETY: pidfd_open(2) takes two integers and touches no memory of ours
+    // (nix has no wrapper for it); the result is checked.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(StepError::last_os(format!("pidfd_open({pid})")));
     }
-    // SAFETY: the kernel just gave us this fd.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    let fd = RawFd::try_from(fd).map_err(|_| StepError::other(format!("pidfd_open({pid}) returned {fd}")))?;
+    // SAFETY: the kernel just installed this fd for us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Wait until `fd` (a socket, listener or pidfd) is readable, at most `timeout`.
-pub fn wait_readable(fd: RawFd, timeout: Duration) -> Result<bool, StepError> {
-    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+pub fn wait_readable(fd: impl AsFd, timeout: Duration) -> Result<bool, StepError> {
+    let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    let mut p = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
     loop {
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, ms) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(StepError::last_os("poll"));
+        match poll(&mut p, ms) {
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(StepError::sys(e, "poll")),
+            Ok(n) => return Ok(n > 0),
         }
-        return Ok(r > 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pinlab_scenarios::plan::{Bytes, Size};
+
+    fn worker() -> Worker {
+        let ctx = Context {
+            scenario: "T01".into(),
+            devdax: "/dev/dax-pinlab-none".into(),
+            ctl: std::env::temp_dir().join("pinlab-worker-test.sock"),
+        };
+        Worker::new(Proc::Other, ctx)
+    }
+
+    #[test]
+    fn replies_carry_the_typed_outcome_and_the_message() {
+        let ok = reply(Ok("done".into()));
+        assert_eq!((ok.outcome, ok.detail.as_str()), (StepOutcome::Ok, "done"));
+        let m = reply(Err(StepError::mismatch("mismatch at offset 3: found 0x00, expected 0xa5")));
+        assert_eq!(m.outcome, StepOutcome::Mismatch);
+        assert_eq!(m.detail, "mismatch at offset 3: found 0x00, expected 0xa5");
+        assert_eq!(reply(Err(StepError::errno(26, "t"))).outcome, StepOutcome::Errno("ETXTBSY".into()));
+        assert_eq!(reply(Err(StepError::other("mismatch-looking text"))).outcome, StepOutcome::Error);
+        assert_eq!(reply(Err(StepError::blocked("late"))).outcome, StepOutcome::Blocked);
+    }
+
+    #[test]
+    fn actions_check_their_preconditions_before_any_call() {
+        let mut w = worker();
+        let e = w.exec(&Action::RegMr).unwrap_err();
+        assert_eq!((e.outcome(), e.message.as_str()), (StepOutcome::Error, "reg_mr before map"));
+        let d = w.exec(&Action::Map { target: Target::Anon, size: Size(8192), files: 1 }).unwrap();
+        assert!(d.starts_with("anonymous MAP_SHARED, 8192 bytes at 0x"), "{d}");
+        // Outside the region: refused before the RDMA device is even opened.
+        let e = w.exec(&Action::RegMrRange { offset: Bytes(4096), len: Size(8192) }).unwrap_err();
+        assert_eq!(e.message, "reg_mr range 4096+8192 is outside the 8192-byte region");
+        let e = w.exec(&Action::Lease { kind: LeaseKind::Read }).unwrap_err();
+        assert_eq!(e.message, "the other holds no descriptor of the file");
+        assert_eq!(w.exec(&Action::Verify).unwrap_err().message, "verify without an MR");
+        assert_eq!(w.exec(&Action::DeregMr).unwrap_err().message, "dereg_mr without an MR");
+        assert_eq!(w.exec(&Action::CloseFile).unwrap_err().message, "close_file: no descriptor");
+        let e = w.exec(&Action::Kill { who: Proc::Holder }).unwrap_err();
+        assert_eq!(e.message, "kill is not something the other can do by itself");
+        assert_eq!(w.exec(&Action::Unmap).unwrap(), "1 region(s) unmapped; the descriptor and the MR stay");
+        let e = w.exec(&Action::Map { target: Target::Devdax, size: Size(4096), files: 1 }).unwrap_err();
+        assert_eq!(e.failure.errno(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn wait_readable_sees_data_and_times_out() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        assert!(!wait_readable(&b, Duration::ZERO).unwrap());
+        a.write_all(b"x").unwrap();
+        assert!(wait_readable(&b, Duration::from_secs(5)).unwrap());
+        let me = pidfd_open(std::process::id() as i32).unwrap();
+        assert!(!wait_readable(&me, Duration::from_millis(10)).unwrap());
+    }
+
+    #[test]
+    fn protocol_lines_round_trip() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let mut r = BufReader::new(b);
+        send(&mut a, &Request { action: Action::Truncate { size: Bytes(0), via: TruncVia::Fd } }).unwrap();
+        send(&mut a, &reply(Err(StepError::errno(26, "ftruncate(/mnt/pmem/S06.dat, 0)")))).unwrap();
+        drop(a);
+        let q: Request = recv_line(&mut r).unwrap().unwrap();
+        assert_eq!(q.action, Action::Truncate { size: Bytes(0), via: TruncVia::Fd });
+        let p: Reply = recv_line(&mut r).unwrap().unwrap();
+        assert_eq!(p.outcome, StepOutcome::Errno("ETXTBSY".into()));
+        assert!(recv_line::<Reply>(&mut r).unwrap().is_none());
     }
 }

@@ -16,6 +16,16 @@ pub fn clean(cache: &Cache, all: bool) -> Result<()> {
             fs_err::remove_dir_all(&p).with_context(|| format!("Failed to remove {}", p.display()))?;
         }
     }
+    // The stock build dir lives inside the extracted source (kept without --all).
+    if let Ok(rd) = fs_err::read_dir(cache.root.join("src")) {
+        for e in rd.flatten() {
+            let b = e.path().join(crate::kernel::BUILD_SUBDIR);
+            if b.exists() {
+                eprintln!("removing {}", b.display());
+                fs_err::remove_dir_all(&b)?;
+            }
+        }
+    }
     let t = util::target_dir();
     if t.exists() {
         eprintln!("removing {}", t.display());

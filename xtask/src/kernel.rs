@@ -2,7 +2,9 @@
 //!
 //! Source is Debian's `linux-source-6.12` at a pinned version, fetched with
 //! the private apt and extracted once into the cache. Each flavor builds out
-//! of tree (`O=`) in its own build dir; `.config` is `tinyconfig` plus
+//! of tree (`O=`) in a build dir inside its source tree ([`BUILD_SUBDIR`]),
+//! so that kbuild names the source `..` and trees that differ in a few files
+//! share objects (see [`build_dir_of`]); `.config` is `tinyconfig` plus
 //! `kernel-config/*.config` merged with `merge_config.sh`, and every option a
 //! fragment asks for must survive `olddefconfig`. The bzImage is cached by a
 //! content hash of (source version, patches, fragments).
@@ -26,6 +28,14 @@ pub const SOURCE_VERSION: &str = "6.12.117-1";
 const RECIPE: &str = "pinlab-kernel-recipe-1";
 /// Objects a lean build compiles, for the progress bar until one is measured.
 const DEFAULT_OBJECTS: u64 = 1400;
+
+/// The build dir of a Debian-based flavor, a direct subdirectory of its
+/// source tree. Kbuild then sets `srctree := ..` instead of the tree's
+/// absolute path, so the compiler command lines and `.cmd` files of two
+/// trees are the same wherever their files are: a build dir copied from
+/// the stock tree into the hazard or patched tree recompiles only the files
+/// those series change (and what includes them), and ccache hits across trees.
+pub const BUILD_SUBDIR: &str = ".pinlab-build";
 
 /// A built kernel.
 #[derive(Clone, Debug)]
@@ -300,8 +310,18 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
     let pristine = debian_source(cache, sources)?;
     let pb = ui::spinner(format!("trees/{name}: copying the pristine source and committing it as the base"));
     let staging = util::staging_path(&tree);
+    fs_err::create_dir_all(&staging)?;
+    // Everything but the stock build dir (cp -a keeps the mtimes, so a copied
+    // build dir sees only the files a series changes as newer than its objects).
     let mut cp = Command::new("cp");
-    cp.arg("-a").arg(&pristine).arg(&staging);
+    cp.arg("-a");
+    for e in fs_err::read_dir(&pristine)? {
+        let e = e?;
+        if e.file_name() != BUILD_SUBDIR {
+            cp.arg(e.path());
+        }
+    }
+    cp.arg(&staging);
     util::output(cp)?;
     let _ = fs_err::remove_file(staging.join(".pinlab-complete"));
     // Debian's linux-source ships a .gitignore that ignores everything at the
@@ -312,6 +332,9 @@ pub fn base_tree(cache: &Cache, name: &str, sources: &Sources) -> Result<PathBuf
         fs_err::write(&gi, kept.join("\n") + "\n").with_context(|| format!("Failed to write {}", gi.display()))?;
     }
     util::output(git(&staging, &["init", "-q"]))?;
+    let exclude = staging.join(".git/info/exclude");
+    fs_err::create_dir_all(staging.join(".git/info"))?;
+    fs_err::write(&exclude, format!("/{BUILD_SUBDIR}/\n"))?;
     util::output(git(&staging, &["add", "-A"]))?;
     util::output(git(&staging, &["commit", "-q", "-m", &format!("Debian {SOURCE_PACKAGE} {version}")]))?;
     util::output(git(&staging, &["tag", "-f", "pinlab-base"]))?;
@@ -624,6 +647,35 @@ fn tree_has_series(tree: &Path, series: &[(String, Vec<u8>)]) -> Result<bool> {
     Ok(c.stdin(std::process::Stdio::null()).output().context("Failed to run git apply")?.status.success())
 }
 
+/// Give a fresh build dir of a series flavor the stock build's objects (a
+/// copy that keeps their mtimes): make then compiles only what the series
+/// changes. Nothing to do if the build dir exists or stock was never built.
+fn seed_from_stock(cache: &Cache, sources: &Sources, build_dir: &Path, flavor: Flavor) -> Result<()> {
+    if build_dir.join(".config").exists() {
+        return Ok(());
+    }
+    let stock = cache.root.join("src").join(format!("linux-{}", sources.kernel_version)).join(BUILD_SUBDIR);
+    if !stock.join("vmlinux").exists() {
+        return Ok(());
+    }
+    // The stock build must not change while it is copied.
+    let _lock = tree_lock(cache, Flavor::Stock.name())?;
+    let t = Instant::now();
+    let staging = util::staging_path(build_dir);
+    let _ = fs_err::remove_dir_all(&staging);
+    let mut cp = Command::new("cp");
+    cp.args(["-a", "--reflink=auto"]).arg(&stock).arg(&staging);
+    util::output(cp).with_context(|| format!("Failed to copy the stock build dir {}", stock.display()))?;
+    let _ = fs_err::remove_file(staging.join("pinlab-build.log"));
+    util::publish_dir(&staging, build_dir)?;
+    eprintln!(
+        "kernel {flavor}: starting from the stock build's objects ({}, copied in {})",
+        stock.display(),
+        util::since(t)
+    );
+    Ok(())
+}
+
 /// Build (or find in the cache) `flavor`'s bzImage. A cached one is used
 /// only if its manifest and header check out; otherwise it is rebuilt with
 /// one line saying why.
@@ -683,7 +735,14 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) 
         (None, Flavor::Stock) => debian_source(cache, sources)?,
         (None, Flavor::Patched) => patched_tree(cache, &series, sources)?,
     };
-    let build_dir = cache.dir("build")?.join(&build_name);
+    let build_dir = match &tree_path {
+        // Never write into a user's tree.
+        Some(_) => cache.dir("build")?.join(&build_name),
+        None => srctree.join(BUILD_SUBDIR),
+    };
+    if tree_path.is_none() && flavor != Flavor::Stock {
+        seed_from_stock(cache, sources, &build_dir, flavor)?;
+    }
     fs_err::create_dir_all(&build_dir).with_context(|| format!("Failed to create {}", build_dir.display()))?;
     let log = build_dir.join("pinlab-build.log");
     let _ = fs_err::remove_file(&log);

@@ -10,6 +10,7 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
+use pinlab_scenarios::protocol::{GuestEvent, GUEST_SHARE, PLAN_FILE, RESULTS_FILE, SHELL_MODE};
 use std::process::Command;
 
 const RUNNER: &str = "/usr/local/bin/pinlab-runner";
@@ -35,7 +36,7 @@ fn setup() -> Result<(), String> {
     for d in ["/run", "/tmp", "/mnt", "/var/tmp", "/root"] {
         mount_fs("tmpfs", d, "tmpfs", nosuid, Some("mode=0755"))?;
     }
-    mount_fs("pinlab", "/pinlab", "virtiofs", nosuid, None)?;
+    mount_fs("pinlab", GUEST_SHARE, "virtiofs", nosuid, None)?;
     // Busybox applets Debian's packages do not provide, last on PATH.
     std::fs::create_dir_all("/run/busybox").map_err(|e| format!("mkdir /run/busybox: {e}"))?;
     let _ = Command::new("/usr/bin/busybox").args(["--install", "-s", "/run/busybox"]).status();
@@ -77,9 +78,11 @@ fn main() {
             1
         }
         Ok(()) => {
-            let shell = cmdline_has("pinlab.mode=shell");
-            println!("PINLAB-RUNNER-START");
-            let mut args = vec!["/pinlab/plan.json", "/pinlab/guest-results.json"];
+            let shell = cmdline_has(SHELL_MODE);
+            GuestEvent::RunnerStarted.emit();
+            let plan = format!("{GUEST_SHARE}/{PLAN_FILE}");
+            let results = format!("{GUEST_SHARE}/{RESULTS_FILE}");
+            let mut args = vec![plan.as_str(), results.as_str()];
             if shell {
                 args.push("--setup-only");
             }
@@ -100,7 +103,7 @@ fn main() {
         }
     };
     nix::unistd::sync();
-    println!("PINLAB-DONE rc={code}");
+    GuestEvent::Done { rc: code }.emit();
     let _ = reboot(RebootMode::RB_POWER_OFF);
     // Not reached unless reboot failed; PID 1 must not exit (that panics the kernel).
     loop {

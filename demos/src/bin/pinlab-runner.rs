@@ -7,16 +7,20 @@
 //! Results are rewritten after every scenario, so a crash mid-run still leaves
 //! what was observed until then.
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use pinlab_demos::region::Region;
-use pinlab_demos::worker::{self, pidfd_open, recv_line, send, wait_readable, Context, Hello, Reply, Request, Worker};
+use pinlab_demos::worker::{self, pidfd_open, recv_line, reply, send, wait_readable, Context, Worker};
 use pinlab_demos::StepError;
-use pinlab_scenarios::errno;
+use pinlab_scenarios::bench::Figure;
 use pinlab_scenarios::plan::{Action, DaxMode, Plan, PlannedScenario, PlannedStep, Proc};
-use pinlab_scenarios::results::{BootResults, ScenarioResult, StepResult, NOT_RUN};
+use pinlab_scenarios::protocol::worker::{Hello, Reply, Request};
+use pinlab_scenarios::protocol::{GuestEvent, StepOutcome, GUEST_SHARE};
+use pinlab_scenarios::results::{parse_tap, BootResults, ScenarioResult, SelftestResult, StepResult, TapOutcome};
 use pinlab_scenarios::Fs;
 use std::collections::BTreeMap;
 use std::io::BufReader;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -48,21 +52,10 @@ fn tool(prog: &str, args: &[&str]) -> Result<String, StepError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn record(name: &str, t: Instant, r: Result<String, StepError>) -> StepResult {
+/// A step as it ended (`rep`, from this process or a worker), timed from `t`.
+fn record(name: &str, t: Instant, rep: Reply) -> StepResult {
     let ms = t.elapsed().as_secs_f64() * 1000.0;
-    match r {
-        Ok(detail) => StepResult { name: name.into(), outcome: "ok".into(), detail, ms },
-        Err(e) => StepResult {
-            name: name.into(),
-            outcome: match e.errno {
-                Some(n) => errno::name(n),
-                None if e.message.starts_with("mismatch") => "mismatch".into(),
-                None => "error".into(),
-            },
-            detail: e.message,
-            ms,
-        },
-    }
+    StepResult { name: name.into(), outcome: rep.outcome, detail: rep.detail, ms }
 }
 
 /// `ndctl create-namespace` on a label-less NVDIMM; returns the device it made.
@@ -145,7 +138,7 @@ fn setup(fs: Fs, out: &mut Vec<StepResult>) -> Option<Lab> {
             let t = Instant::now();
             let r = $e;
             let ok = r.as_ref().ok().cloned();
-            let rec = record($name, t, r.map(|v: String| v));
+            let rec = record($name, t, reply(r.map(|v: String| v)));
             println!("pinlab-runner: setup {}: {} {}", rec.name, rec.outcome, rec.detail);
             out.push(rec);
             ok?
@@ -221,7 +214,7 @@ impl<'a> Scene<'a> {
 
     /// Accept the next worker's connection (at most 10 s) and check its hello.
     fn accept(&mut self, role: Proc, child: Option<std::process::Child>) -> Result<(), StepError> {
-        if !wait_readable(self.listener.as_raw_fd(), Duration::from_secs(10))? {
+        if !wait_readable(&self.listener, Duration::from_secs(10))? {
             return Err(StepError::other(format!("the {} did not connect within 10 s", role.name())));
         }
         let (stream, _) = self.listener.accept().map_err(|e| StepError::other(format!("accept: {e}")))?;
@@ -254,7 +247,7 @@ impl<'a> Scene<'a> {
     fn wait_gone(&mut self, role: Proc, d: Duration) -> Result<String, StepError> {
         let Some(mut live) = self.procs.remove(&role) else { return Ok(String::new()) };
         let t = Instant::now();
-        if !wait_readable(live.pidfd.as_raw_fd(), d)? {
+        if !wait_readable(&live.pidfd, d)? {
             return Err(StepError::other(format!("the {} (pid {}) still runs after {d:?}", role.name(), live.pid)));
         }
         if let Some(c) = live.child.as_mut() {
@@ -263,20 +256,22 @@ impl<'a> Scene<'a> {
         Ok(format!("pid {} gone after {} ms", live.pid, t.elapsed().as_millis()))
     }
 
-    fn ask(&mut self, role: Proc, action: &Action) -> Result<String, StepError> {
-        if !self.procs.contains_key(&role) {
+    /// Have `role` do `action` and return its reply. An error is the
+    /// runner's own failure to get one: no such process, it died or hung
+    /// up, or it is still blocked at the step deadline.
+    fn ask(&mut self, role: Proc, action: &Action) -> Result<Reply, StepError> {
+        let Some(live) = self.procs.get_mut(&role) else {
             return Err(StepError::other(format!("there is no {} process (yet, or any more)", role.name())));
-        }
-        let live = self.procs.get_mut(&role).expect("checked");
+        };
         send(&mut live.stream, &Request { action: action.clone() })
             .map_err(|e| StepError::other(format!("send to the {}: {e}", role.name())))?;
         let t = Instant::now();
         // Wait for the answer; notice a crash instead of waiting out the deadline.
         loop {
-            if wait_readable(live.stream.as_raw_fd(), Duration::from_millis(200))? {
+            if wait_readable(&live.stream, Duration::from_millis(200))? {
                 break;
             }
-            if wait_readable(live.pidfd.as_raw_fd(), Duration::ZERO)? {
+            if wait_readable(&live.pidfd, Duration::ZERO)? {
                 return Err(StepError::other(format!(
                     "the {} (pid {}) died during {}",
                     role.name(),
@@ -285,7 +280,7 @@ impl<'a> Scene<'a> {
                 )));
             }
             if t.elapsed() > STEP_DEADLINE {
-                return Err(StepError::other(format!(
+                return Err(StepError::blocked(format!(
                     "the {} did not answer {} within {STEP_DEADLINE:?}",
                     role.name(),
                     action.kind()
@@ -295,71 +290,64 @@ impl<'a> Scene<'a> {
         let rep: Reply = recv_line(&mut live.reader)
             .map_err(|e| StepError::other(format!("answer from the {}: {e}", role.name())))?
             .ok_or_else(|| StepError::other(format!("the {} hung up during {}", role.name(), action.kind())))?;
-        match action {
-            Action::Fork if rep.outcome == "ok" => self.accept(Proc::Child, None)?,
-            Action::Exit if rep.outcome == "ok" => {
+        match (action, &rep.outcome) {
+            (Action::Fork, StepOutcome::Ok) => self.accept(Proc::Child, None)?,
+            (Action::Exit, StepOutcome::Ok) => {
                 let gone = self.wait_gone(role, Duration::from_secs(10))?;
-                return Ok(format!("{}; {gone}", rep.detail));
+                return Ok(Reply { outcome: StepOutcome::Ok, detail: format!("{}; {gone}", rep.detail) });
             }
             _ => {}
         }
-        if rep.outcome == "ok" {
-            Ok(rep.detail)
-        } else {
-            Err(StepError {
-                errno: errno::number(&rep.outcome),
-                message: if rep.outcome == "mismatch" && !rep.detail.starts_with("mismatch") {
-                    format!("mismatch: {}", rep.detail)
-                } else {
-                    rep.detail
-                },
-            })
-        }
+        Ok(rep)
     }
 
     fn file_pins(&self, of: Proc, expect: &[String]) -> Result<String, StepError> {
         let pid =
             self.procs.get(&of).map(|l| l.pid).ok_or_else(|| StepError::other(format!("no {} process", of.name())))?;
         let path = format!("/proc/{pid}/file_pins");
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| StepError::errno(e.raw_os_error().unwrap_or(0), format!("read {path}: {e}")))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| StepError::io(&e, format!("read {path}")))?;
         let shown = text.trim_end().replace('\n', " | ").replace('\t', "\\t");
-        let got = parse_file_pins(&text).map_err(|e| StepError::other(format!("mismatch: {path}: {e}: '{shown}'")))?;
+        let got =
+            parse_file_pins(&text).map_err(|e| StepError::mismatch(format!("mismatch: {path}: {e}: '{shown}'")))?;
         let mut want: Vec<String> = expect.to_vec();
         want.sort();
         if got == want {
             Ok(format!("{path}: '{shown}'"))
         } else {
-            Err(StepError::other(format!("mismatch: {path} lists {got:?}, expected {want:?}: '{shown}'")))
+            Err(StepError::mismatch(format!("mismatch: {path} lists {got:?}, expected {want:?}: '{shown}'")))
         }
     }
 
-    fn step(&mut self, st: &PlannedStep) -> Result<String, StepError> {
+    /// Do one step: the runner's own actions here, the others' by asking them.
+    fn step(&mut self, st: &PlannedStep) -> Reply {
         match (st.by, &st.action) {
-            (Proc::Other, Action::Kill { who }) => {
-                let pid = self
-                    .procs
-                    .get(who)
-                    .map(|l| l.pid)
-                    .ok_or_else(|| StepError::other(format!("no {} to kill", who.name())))?;
-                // SAFETY: plain syscall; pid is a live worker we track with a pidfd.
-                if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-                    return Err(StepError::last_os(format!("kill({pid}, SIGKILL)")));
-                }
-                let gone = self.wait_gone(*who, Duration::from_secs(10))?;
-                Ok(format!("SIGKILL to the {} (pid {pid}); {gone}", who.name()))
-            }
-            (Proc::Other, Action::FilePins { of, expect }) => self.file_pins(*of, expect),
-            (Proc::Other, Action::Remount { dax }) => {
-                umount_pmem()?;
-                self.remounted = true;
-                let m = mount_pmem(&self.lab.pmem, self.lab.fs, *dax)?;
-                let check = check_dax(*dax == DaxMode::Always)?;
-                Ok(format!("{m}; {check}"))
-            }
-            (Proc::Other, a) => self.me.exec(a),
-            (role, a) => self.ask(role, a),
+            (Proc::Other, Action::Kill { who }) => reply(self.kill(*who)),
+            (Proc::Other, Action::FilePins { of, expect }) => reply(self.file_pins(*of, expect)),
+            (Proc::Other, Action::Remount { dax }) => reply(self.remount(*dax)),
+            (Proc::Other, a) => reply(self.me.exec(a)),
+            (role, a) => self.ask(role, a).unwrap_or_else(|e| reply(Err(e))),
         }
+    }
+
+    /// `kill`: SIGKILL `who` and wait (pidfd) until it is gone.
+    fn kill(&mut self, who: Proc) -> Result<String, StepError> {
+        let pid = self
+            .procs
+            .get(&who)
+            .map(|l| l.pid)
+            .ok_or_else(|| StepError::other(format!("no {} to kill", who.name())))?;
+        kill(Pid::from_raw(pid), Signal::SIGKILL).map_err(|e| StepError::sys(e, format!("kill({pid}, SIGKILL)")))?;
+        let gone = self.wait_gone(who, Duration::from_secs(10))?;
+        Ok(format!("SIGKILL to the {} (pid {pid}); {gone}", who.name()))
+    }
+
+    /// `remount`: the filesystem under test with `-o dax=MODE`.
+    fn remount(&mut self, dax: DaxMode) -> Result<String, StepError> {
+        umount_pmem()?;
+        self.remounted = true;
+        let m = mount_pmem(&self.lab.pmem, self.lab.fs, dax)?;
+        let check = check_dax(dax == DaxMode::Always)?;
+        Ok(format!("{m}; {check}"))
     }
 
     /// Back to a clean lab, and prove it: every worker exits (the kernel drops
@@ -369,14 +357,17 @@ impl<'a> Scene<'a> {
         let mut problems = Vec::new();
         let roles: Vec<Proc> = self.procs.keys().copied().collect();
         for role in roles {
-            if let Err(e) = self.ask(role, &Action::Exit) {
-                problems.push(format!("{} did not exit cleanly: {e}", role.name()));
-                if let Some(l) = self.procs.get(&role) {
-                    // SAFETY: plain syscall on a tracked worker.
-                    unsafe { libc::kill(l.pid, libc::SIGKILL) };
-                }
-                let _ = self.wait_gone(role, Duration::from_secs(10));
+            let why = match self.ask(role, &Action::Exit) {
+                Ok(rep) if rep.outcome.is_ok() => continue,
+                Ok(Reply { outcome: StepOutcome::Errno(name), detail }) => format!("{detail} ({name})"),
+                Ok(rep) => rep.detail,
+                Err(e) => e.to_string(),
+            };
+            problems.push(format!("{} did not exit cleanly: {why}", role.name()));
+            if let Some(l) = self.procs.get(&role) {
+                let _ = kill(Pid::from_raw(l.pid), Signal::SIGKILL);
             }
+            let _ = self.wait_gone(role, Duration::from_secs(10));
         }
         if let Err(e) = self.me.release_all() {
             problems.push(format!("runner release: {e}"));
@@ -457,7 +448,7 @@ fn all_file_pins() -> Vec<(String, String)> {
 }
 
 fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
-    println!("PINLAB-SCENARIO {} {}", sc.id, sc.title);
+    GuestEvent::ScenarioStarted { id: sc.id.clone(), title: sc.title.clone() }.emit();
     let t0 = Instant::now();
     let mut steps = Vec::new();
     let mut scene = match Scene::new(lab, &sc.id) {
@@ -477,14 +468,26 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
     let mut stopped = start.as_ref().err().map(|e| format!("workers did not start: {e}"));
     for (i, st) in sc.steps.iter().enumerate() {
         if stopped.is_some() {
-            steps.push(StepResult { name: st.name.clone(), outcome: NOT_RUN.into(), detail: String::new(), ms: 0.0 });
+            steps.push(StepResult {
+                name: st.name.clone(),
+                outcome: StepOutcome::NotRun,
+                detail: String::new(),
+                ms: 0.0,
+            });
             continue;
         }
         let t = Instant::now();
         let rec = record(&st.name, t, scene.step(st));
-        // Machine-readable for the host's --explain, readable for people.
-        println!("PINLAB-STEP {} {} {} [{}] {}: {}", sc.id, i, rec.outcome, st.by.name(), rec.name, rec.detail);
-        if rec.outcome != "ok" && !st.probe {
+        GuestEvent::StepFinished {
+            id: sc.id.clone(),
+            index: i,
+            by: st.by,
+            name: rec.name.clone(),
+            outcome: rec.outcome.clone(),
+            detail: rec.detail.clone(),
+        }
+        .emit();
+        if !rec.outcome.is_ok() && !st.probe {
             stopped = Some(String::new());
         }
         steps.push(rec);
@@ -501,59 +504,33 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
 }
 
 /// Run every kselftest binary in `dir` on the DAX mount and turn its TAP
-/// lines into results: `ok`, `skip` (`ok … # SKIP`) or `fail` (`not ok`).
-fn run_selftests(dir: &Path) -> Vec<StepResult> {
+/// lines into results: `ok`, `skip` (`ok … # SKIP`) or `fail` (`not ok`,
+/// or a program that could not run or exited with a failure).
+fn run_selftests(dir: &Path) -> Vec<SelftestResult> {
     let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
     let mut bins: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     bins.sort();
     let mut out = Vec::new();
     for b in bins {
         let name = b.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let t = Instant::now();
-        let run = Command::new(&b).env("LAYOUT_LEASE_DIR", PMEM_MNT).current_dir(PMEM_MNT).output();
-        let ms = t.elapsed().as_secs_f64() * 1000.0;
-        let o = match run {
-            Ok(o) => o,
-            Err(e) => {
-                out.push(StepResult { name, outcome: "fail".into(), detail: format!("cannot run: {e}"), ms });
-                continue;
-            }
+        let results = match Command::new(&b).env("LAYOUT_LEASE_DIR", PMEM_MNT).current_dir(PMEM_MNT).output() {
+            Ok(o) => parse_tap(
+                &name,
+                &String::from_utf8_lossy(&o.stdout),
+                o.status.code(),
+                &String::from_utf8_lossy(&o.stderr),
+            ),
+            Err(e) => vec![SelftestResult {
+                program: name,
+                test: String::new(),
+                outcome: TapOutcome::Fail,
+                detail: format!("cannot run: {e}"),
+            }],
         };
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        let mut n = 0;
-        for line in text.lines() {
-            let (ok, rest) = if let Some(r) = line.strip_prefix("not ok ") {
-                (false, r)
-            } else if let Some(r) = line.strip_prefix("ok ") {
-                (true, r)
-            } else {
-                continue;
-            };
-            n += 1;
-            let test = rest.split_once(' ').map(|(_, t)| t).unwrap_or(rest);
-            let (test, directive) = test.split_once(" # ").unwrap_or((test, ""));
-            let outcome = match (ok, directive.to_uppercase().starts_with("SKIP")) {
-                (true, true) => "skip",
-                (true, false) => "ok",
-                (false, _) => "fail",
-            };
-            println!("pinlab-runner: selftest {name} {test}: {outcome} {directive}");
-            out.push(StepResult {
-                name: format!("{name}: {test}"),
-                outcome: outcome.into(),
-                detail: directive.to_string(),
-                ms,
-            });
+        for r in &results {
+            println!("pinlab-runner: selftest {}: {} {}", r.label(), r.outcome.as_str(), r.detail);
         }
-        // kselftest exit codes: 0 pass, 4 (KSFT_SKIP) everything skipped.
-        if n == 0 || !matches!(o.status.code(), Some(0) | Some(4)) {
-            out.push(StepResult {
-                name,
-                outcome: "fail".into(),
-                detail: format!("exit {}; {} TAP lines; {}", o.status, n, String::from_utf8_lossy(&o.stderr).trim()),
-                ms,
-            });
-        }
+        out.extend(results);
     }
     out
 }
@@ -618,17 +595,25 @@ fn main() {
         println!("pinlab-runner: setup failed; no scenario can run");
         std::process::exit(1);
     };
-    res.selftests = run_selftests(Path::new("/pinlab/selftests"));
+    res.selftests = run_selftests(&Path::new(GUEST_SHARE).join("selftests"));
     write_results(&out, &res);
     if setup_only {
         return;
     }
     if let Some(bp) = &plan.bench {
-        println!("PINLAB-BENCH start: {bp:?}");
-        let mut progress = |f: &pinlab_scenarios::bench::Figure| match (&f.error, f.samples.last()) {
-            (Some(e), _) => println!("PINLAB-BENCH {} error: {e}", f.key),
-            (None, Some(v)) => println!("PINLAB-BENCH {} #{}: {v:.1} {}", f.key, f.samples.len(), f.unit),
-            (None, None) => {}
+        GuestEvent::BenchStarted.emit();
+        println!("pinlab-runner: bench plan: {bp:?}");
+        let mut progress = |f: &Figure| {
+            if f.error.is_some() || !f.samples.is_empty() {
+                GuestEvent::BenchSample {
+                    key: f.key.clone(),
+                    samples: f.samples.len(),
+                    value: f.samples.last().copied(),
+                    unit: f.unit.clone(),
+                    error: f.error.clone(),
+                }
+                .emit();
+            }
         };
         res.bench = Some(pinlab_demos::bench::run(bp, &mut progress));
         write_results(&out, &res);
@@ -647,7 +632,7 @@ fn main() {
     let rec = record(
         &format!("{} -n {}", if lab.fs == Fs::Ext4 { "e2fsck -f" } else { "xfs_repair" }, lab.pmem),
         t,
-        fsck.map(|out| format!("clean: {}", out.lines().last().unwrap_or("").trim())),
+        reply(fsck.map(|out| format!("clean: {}", out.lines().last().unwrap_or("").trim()))),
     );
     println!("pinlab-runner: fsck: {} {}", rec.outcome, rec.detail);
     res.fsck = Some(rec);

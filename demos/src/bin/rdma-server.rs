@@ -85,11 +85,9 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     Ok(Some(Args { target, size, listen, device, timeout }))
 }
 
+/// `EOPNOTSUPP (what failed)`, `error (what failed)`, …
 fn errno_text(e: &StepError) -> String {
-    match e.errno {
-        Some(n) => format!("{} ({})", pinlab_scenarios::errno::name(n), e.message),
-        None => format!("error ({})", e.message),
-    }
+    format!("{} ({})", e.outcome(), e.message)
 }
 
 fn run(args: Args) -> ExitCode {
@@ -124,7 +122,7 @@ fn run(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mr = match dev.reg_mr(region.as_mut_ptr(), region.len()) {
+    let mr = match dev.reg_mr(&region, 0..region.len()) {
         Ok(mr) => {
             println!("reg_mr: ok (device={} lkey={:#x} rkey={:#x})", dev.name(), mr.lkey(), mr.rkey());
             mr
@@ -248,5 +246,6 @@ mod tests {
         let e = StepError::errno(95, "ibv_reg_mr(...)");
         assert_eq!(errno_text(&e), "EOPNOTSUPP (ibv_reg_mr(...))");
         assert_eq!(errno_text(&StepError::other("x")), "error (x)");
+        assert_eq!(errno_text(&StepError::errno(4095, "y")), "E4095 (y)");
     }
 }

@@ -1,0 +1,65 @@
+//! RDMA verbs for pinlab through `sideway`: open a device, register memory,
+//! and move data with one-sided RDMA WRITEs over an RC queue pair.
+//!
+//! `ibv_reg_mr` and `ibv_dereg_mr` are called through function pointers
+//! looked up with `dlsym` in the very `libibverbs.so.1` that sideway's loader
+//! opened, so the errno we report is the one libibverbs (and the kernel) set,
+//! captured immediately after the call. sideway's own wrappers are avoided for
+//! these two calls because (a) its MR type deregisters only in `Drop`,
+//! discarding `ibv_dereg_mr`'s result, and (b) its static loader stub answers
+//! *every* call with `EOPNOTSUPP` when libibverbs could not be loaded, which
+//! is exactly the errno the stock kernel gives for FS-DAX, so a broken rootfs
+//! would look like a correct result.
+//!
+//! The pieces: `verbs` (those two raw calls), `device` (device, port, GIDs,
+//! MRs), `pattern` (the bytes the client writes), `channel` (the TCP side
+//! channel), `qp` (the RC queue pair), `server` and `client`; everything
+//! public is re-exported here.
+
+use std::io;
+
+use sideway::ibverbs::AccessFlags;
+
+use crate::StepError;
+
+mod channel;
+mod client;
+mod device;
+mod pattern;
+mod qp;
+mod server;
+mod verbs;
+
+pub use client::{client_write, ClientReport};
+pub use device::{Device, Mr};
+pub use pattern::{fill_pattern, first_pattern_mismatch};
+pub use qp::wc_status_name;
+pub use server::{serve_write, write_from_client};
+
+/// The HCA port pinlab uses (rxe has exactly one).
+pub const PORT: u8 = 1;
+
+/// Largest RDMA WRITE we post in one work request.
+pub const MAX_CHUNK: usize = 1 << 20;
+
+/// Send-queue depth (and the number of WRITEs kept in flight) on the client.
+const SEND_DEPTH: u32 = 32;
+
+/// Longest side-channel line we accept.
+const MAX_LINE: u64 = 64 << 10;
+
+/// `IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE`.
+fn mr_access() -> AccessFlags {
+    AccessFlags::LocalWrite | AccessFlags::RemoteWrite
+}
+
+// ---------------------------------------------------------------------------
+// errno out of sideway's error types.
+
+fn io_text(e: &io::Error) -> (Option<i32>, String) {
+    (e.raw_os_error(), e.to_string())
+}
+
+fn step(errno: Option<i32>, message: String) -> StepError {
+    StepError::maybe_errno(errno, message)
+}

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod lease;
+pub mod oracle;
 pub mod rdma;
 pub mod region;
 pub mod worker;

@@ -42,8 +42,8 @@ pub const CLIENT: &str = "/usr/local/bin/rdma-client";
 /// the failure's outcome with its message.
 pub fn reply(r: Result<String, StepError>) -> Reply {
     match r {
-        Ok(detail) => Reply { outcome: StepOutcome::Ok, detail },
-        Err(e) => Reply { outcome: e.outcome(), detail: e.message },
+        Ok(detail) => Reply { outcome: StepOutcome::Ok, detail, placement: None },
+        Err(e) => Reply { outcome: e.outcome(), detail: e.message, placement: None },
     }
 }
 
@@ -180,13 +180,23 @@ impl Worker {
             Action::RecvUverbs => self.recv_uverbs(),
             Action::CloseUverbs => self.close_uverbs(),
             Action::VerifyFile { len } => self.verify_file(len.0),
-            Action::Fork | Action::Exit | Action::Kill { .. } | Action::FilePins { .. } | Action::Remount { .. } => {
-                Err(StepError::other(format!(
-                    "{} is not something the {} can do by itself",
-                    action.kind(),
-                    self.role.name()
-                )))
+            Action::Fill => crate::oracle::fill(Path::new(PMEM_MNT)),
+            Action::CreateFile { name, size, byte } => {
+                crate::oracle::create_file(Path::new(PMEM_MNT), name, size.0 as usize, *byte)
             }
+            Action::CheckFile { name, byte } => crate::oracle::check_file(Path::new(PMEM_MNT), name, *byte),
+            Action::Fork
+            | Action::Exit
+            | Action::Kill { .. }
+            | Action::FilePins { .. }
+            | Action::Remount { .. }
+            | Action::Sysctl { .. }
+            | Action::Await
+            | Action::Locate { .. } => Err(StepError::other(format!(
+                "{} is not something the {} can do by itself",
+                action.kind(),
+                self.role.name()
+            ))),
         }
     }
 
@@ -498,7 +508,11 @@ pub fn serve(role: Proc, ctx: Context) -> ! {
             Action::Exit => {
                 let _ = send(
                     &mut s,
-                    &Reply { outcome: StepOutcome::Ok, detail: format!("pid {} exits now", std::process::id()) },
+                    &Reply {
+                        outcome: StepOutcome::Ok,
+                        detail: format!("pid {} exits now", std::process::id()),
+                        placement: None,
+                    },
                 );
                 // No destructors: no dereg, no munmap, no close. The kernel does it all at exit.
                 // SAFETY: _exit is async-signal-safe and ends the process at once; skipping
@@ -532,6 +546,7 @@ pub fn serve(role: Proc, ctx: Context) -> ! {
                         &Reply {
                             outcome: StepOutcome::Ok,
                             detail: format!("fork() = {child}; the child shares the uverbs fd and the mappings"),
+                            placement: None,
                         },
                     );
                 }

@@ -26,17 +26,22 @@ pub enum Flavor {
     Stock,
     /// Linux 6.12 with `kernel-patches/` applied.
     Patched,
+    /// A teaching kernel: stock 6.12 with `kernel-patches/hazard/`, which
+    /// allows long-term pins of FS-DAX pages again (as before v4.15) and can
+    /// make truncate wait for them (v4.18+) or free them at once (before).
+    Hazard,
 }
 
 impl Flavor {
     /// Every flavor, in report order.
-    pub const ALL: [Flavor; 2] = [Flavor::Stock, Flavor::Patched];
+    pub const ALL: [Flavor; 3] = [Flavor::Stock, Flavor::Patched, Flavor::Hazard];
 
     /// The name used on the command line, in paths and in specs.
     pub fn name(self) -> &'static str {
         match self {
             Flavor::Stock => "stock",
             Flavor::Patched => "patched",
+            Flavor::Hazard => "hazard",
         }
     }
 }
@@ -53,7 +58,7 @@ impl std::str::FromStr for Flavor {
         Flavor::ALL
             .into_iter()
             .find(|f| f.name() == s)
-            .ok_or_else(|| anyhow::anyhow!("unknown kernel flavor '{s}' (expected stock or patched)"))
+            .ok_or_else(|| anyhow::anyhow!("unknown kernel flavor '{s}' (expected stock, patched or hazard)"))
     }
 }
 

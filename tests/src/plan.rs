@@ -52,7 +52,16 @@ pub struct PlannedStep {
     /// whatever it is; any other step that fails ends the scenario ("stops at").
     #[serde(default)]
     pub probe: bool,
+    /// The call may sleep in the kernel (a truncate over pages a device
+    /// pins): the runner makes it on a thread of its own and, if it has not
+    /// returned after [`BLOCK_CHECK_MS`], records `blocked` with the kernel
+    /// function it sleeps in and goes on; a later `await` step takes its end.
+    #[serde(default)]
+    pub may_block: bool,
 }
+
+/// How long a `may_block` call may take before it counts as blocked.
+pub const BLOCK_CHECK_MS: u64 = 2000;
 
 /// The processes of a scenario. Each is a real process in the guest; they
 /// are coordinated over a control socket and pidfds, never by sleeping.
@@ -282,6 +291,52 @@ pub enum Action {
         /// The DAX mode to mount with.
         dax: DaxMode,
     },
+    /// Write `value` to `/proc/sys/NAME` (dots become slashes); `ENOENT`
+    /// where the kernel has no such knob. The runner puts the old value back
+    /// after the scenario.
+    Sysctl {
+        /// e.g. `fs.dax_pinned_truncate`.
+        name: String,
+        /// What to write.
+        value: String,
+    },
+    /// Wait (up to the step deadline) for the earlier `may_block` call to
+    /// return: its outcome, or `blocked` if it still sleeps; `ok` at once if
+    /// it had already returned (its outcome is then that step's).
+    Await,
+    /// Fill the filesystem's free space with `filler.dat` (fallocate), so the
+    /// next allocation must take blocks that are freed later. Removed after
+    /// the scenario.
+    Fill,
+    /// Create `NAME` of `size` bytes with `write()`, every byte `byte`, and
+    /// fsync it. Removed after the scenario.
+    CreateFile {
+        /// File name on the mount, e.g. `victim.dat`.
+        name: String,
+        /// Its size.
+        #[serde(default)]
+        size: Size,
+        /// Its contents.
+        byte: u8,
+    },
+    /// `read()` `NAME`: `ok` if every byte is still `byte`, `mismatch` with
+    /// where the first other byte is (and whether it is the client's pattern).
+    CheckFile {
+        /// File name on the mount.
+        name: String,
+        /// The byte it was created with.
+        byte: u8,
+    },
+    /// The data-placement oracle: read the whole fsdax namespace raw
+    /// (`O_DIRECT` on the pmem block device), find every 4 KiB block that
+    /// carries the client's pattern for a region of `len` bytes, and map
+    /// each to the file that owns it (FIEMAP of every file on the mount) or
+    /// `free`. `ok` with the placement as data ([`crate::results::StepResult::placement`]).
+    Locate {
+        /// The registered region's length (what the client wrote). Default 2 MiB.
+        #[serde(default)]
+        len: Size,
+    },
 }
 
 impl Action {
@@ -309,6 +364,12 @@ impl Action {
             Action::Verify => "verify",
             Action::DeregMr => "dereg_mr",
             Action::Remount { .. } => "remount",
+            Action::Sysctl { .. } => "sysctl",
+            Action::Await => "await",
+            Action::Fill => "fill",
+            Action::CreateFile { .. } => "create_file",
+            Action::CheckFile { .. } => "check_file",
+            Action::Locate { .. } => "locate",
         }
     }
 }
@@ -454,8 +515,15 @@ mod tests {
                         action: Action::Map { target: Target::File, size: Size(4096), files: 1 },
                         by: Proc::Other,
                         probe: false,
+                        may_block: false,
                     },
-                    PlannedStep { name: "reg".into(), action: Action::RegMr, by: Proc::Holder, probe: true },
+                    PlannedStep {
+                        name: "reg".into(),
+                        action: Action::RegMr,
+                        by: Proc::Holder,
+                        probe: true,
+                        may_block: false,
+                    },
                 ],
             }],
         };

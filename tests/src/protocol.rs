@@ -89,6 +89,8 @@ impl From<&crate::spec::Outcome> for StepOutcome {
         match o {
             crate::spec::Outcome::Ok => StepOutcome::Ok,
             crate::spec::Outcome::Errno(e) => StepOutcome::Errno(e.clone()),
+            crate::spec::Outcome::Blocked => StepOutcome::Blocked,
+            crate::spec::Outcome::Mismatch => StepOutcome::Mismatch,
         }
     }
 }
@@ -220,6 +222,9 @@ pub mod worker {
         pub outcome: StepOutcome,
         /// What happened, for people.
         pub detail: String,
+        /// What a `locate` found.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub placement: Option<crate::results::Placement>,
     }
 }
 

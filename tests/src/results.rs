@@ -58,6 +58,10 @@ pub struct StepResult {
     /// Wall time of the step.
     #[serde(default)]
     pub ms: f64,
+    /// What a `locate` step found: blocks carrying the client's pattern, by
+    /// owning file (`free` when no file owns them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
 }
 
 /// How one kselftest test ended (its TAP line).
@@ -168,6 +172,23 @@ pub struct StepCheck {
     pub pass: bool,
     /// Wall time.
     pub ms: f64,
+    /// For a `locate` step: where the spec says the pattern's blocks must be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_placement: Option<Placement>,
+    /// For a `locate` step: where the guest found them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// Blocks carrying a pattern, by owning file (`free`: no file owns them).
+pub type Placement = std::collections::BTreeMap<String, u64>;
+
+/// `victim.dat: 512 blocks, free: 0`.
+pub fn placement_text(p: &Placement) -> String {
+    if p.is_empty() {
+        return "nowhere".into();
+    }
+    p.iter().map(|(f, n)| format!("{f}: {n} blocks")).collect::<Vec<_>>().join(", ")
 }
 
 /// One cell of the matrix: a scenario on one flavor and filesystem.
@@ -203,6 +224,12 @@ impl CellResult {
         let s = self.steps.iter().find(|s| !s.pass).or_else(|| self.steps.iter().rev().find(|s| s.actual.ran()));
         match s {
             Some(s) if s.pass => format!("{}: {}", s.name, s.actual),
+            Some(s) if s.expected == s.actual => format!(
+                "{}: the pattern should be in {}, found in {}",
+                s.name,
+                s.expected_placement.as_ref().map(placement_text).unwrap_or_default(),
+                s.placement.as_ref().map(placement_text).unwrap_or_else(|| "nothing reported".into())
+            ),
             Some(s) => format!("{}: expected {}, got {}", s.name, s.expected, s.actual),
             None => "no steps".into(),
         }
@@ -230,11 +257,26 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
     let mut steps = Vec::new();
     for (i, (step, exp)) in spec.steps.iter().zip(expected).enumerate() {
         let exp = exp.as_ref().map(StepOutcome::from).unwrap_or(StepOutcome::NotRun);
-        let (actual, detail, ms) = match got.and_then(|g| g.steps.get(i)) {
-            Some(r) => (r.outcome.clone(), r.detail.clone(), r.ms),
-            None => (StepOutcome::Missing, "the guest reported no result for this step".to_string(), 0.0),
+        let (actual, detail, ms, placement) = match got.and_then(|g| g.steps.get(i)) {
+            Some(r) => (r.outcome.clone(), r.detail.clone(), r.ms, r.placement.clone()),
+            None => (StepOutcome::Missing, "the guest reported no result for this step".to_string(), 0.0, None),
         };
-        steps.push(StepCheck { name: step.name.clone(), pass: actual == exp, expected: exp, actual, detail, ms });
+        let expected_placement = step.placement_for(flavor, fs).cloned();
+        // A locate step checks where the bytes are, not only that it ran.
+        let placed = match &expected_placement {
+            Some(want) => actual != StepOutcome::Ok || placement.as_ref() == Some(want),
+            None => true,
+        };
+        steps.push(StepCheck {
+            name: step.name.clone(),
+            pass: actual == exp && placed,
+            expected: exp,
+            actual,
+            detail,
+            ms,
+            expected_placement,
+            placement,
+        });
     }
     CellResult {
         scenario: spec.id.clone(),
@@ -262,8 +304,8 @@ mod tests {
     fn spec() -> Scenario {
         parse(
             "id: S02\ntitle: t\nshows: s\nsteps:\n  - name: map\n    action: {map: {target: file}}\n    expect: ok\n  \
-             - name: reg\n    action: reg_mr\n    expect: {stock: EOPNOTSUPP, patched: ok}\n  \
-             - name: verify\n    action: verify\n    expect: {patched: ok}\n",
+             - name: reg\n    action: reg_mr\n    expect: {stock: EOPNOTSUPP, patched: ok, hazard: ok}\n  \
+             - name: verify\n    action: verify\n    expect: {patched: ok, hazard: ok}\n",
             Path::new("S02-t.yaml"),
         )
         .unwrap()
@@ -274,7 +316,13 @@ mod tests {
             id: "S02".into(),
             steps: outcomes
                 .iter()
-                .map(|o| StepResult { name: "x".into(), outcome: o.clone(), detail: String::new(), ms: 1.0 })
+                .map(|o| StepResult {
+                    name: "x".into(),
+                    outcome: o.clone(),
+                    detail: String::new(),
+                    ms: 1.0,
+                    placement: None,
+                })
                 .collect(),
             ms: 3.0,
             isolation: None,

@@ -45,6 +45,12 @@ pub enum Outcome {
     Ok,
     /// The call failed with this errno (canonical name, e.g. `EOPNOTSUPP`).
     Errno(String),
+    /// The call was still sleeping in the kernel when the runner looked
+    /// (a `may_block` step); its end is the outcome of a later `await` step.
+    Blocked,
+    /// The calls succeeded but what was read back is not what was written
+    /// (the victim file of a hazard scenario holds the NIC's bytes).
+    Mismatch,
 }
 
 impl Outcome {
@@ -53,9 +59,18 @@ impl Outcome {
         if s == "ok" {
             return Ok(Outcome::Ok);
         }
-        errno::canonical(s)
-            .map(Outcome::Errno)
-            .ok_or_else(|| format!("'{s}' is neither 'ok' nor a known errno name (e.g. EPERM, EOPNOTSUPP, ETXTBSY)"))
+        if s == "blocked" {
+            return Ok(Outcome::Blocked);
+        }
+        if s == "mismatch" {
+            return Ok(Outcome::Mismatch);
+        }
+        errno::canonical(s).map(Outcome::Errno).ok_or_else(|| {
+            format!(
+                "'{s}' is neither 'ok', 'blocked', 'mismatch' nor a known errno name (e.g. EPERM, EOPNOTSUPP, \
+                     ETXTBSY)"
+            )
+        })
     }
 
     /// The spelling used in results and reports.
@@ -63,6 +78,8 @@ impl Outcome {
         match self {
             Outcome::Ok => "ok",
             Outcome::Errno(e) => e,
+            Outcome::Blocked => "blocked",
+            Outcome::Mismatch => "mismatch",
         }
     }
 }
@@ -168,8 +185,26 @@ pub struct Step {
     /// Observe and go on (see [`PlannedStep::probe`]).
     #[serde(default)]
     pub probe: bool,
+    /// The call may sleep in the kernel (see [`PlannedStep::may_block`]).
+    #[serde(default)]
+    pub may_block: bool,
     /// Expected outcome (with its place in the file, for error messages).
     pub expect: Spanned<Expect>,
+    /// For a `locate` step: where the pattern's blocks must be, per flavor
+    /// (`{patched: {S20.dat: 512}, hazard: {victim.dat: 512}}`; `free` for
+    /// blocks no file owns). A cell without an entry does not check placement.
+    #[serde(default)]
+    pub placement: BTreeMap<ExpectKey, BTreeMap<String, u64>>,
+}
+
+impl Step {
+    /// Where a `locate` step's blocks must be on `flavor`/`fs`, if the spec says.
+    pub fn placement_for(&self, flavor: Flavor, fs: Fs) -> Option<&BTreeMap<String, u64>> {
+        let m = &self.placement;
+        m.get(&ExpectKey { flavor: Some(flavor), fs: Some(fs) })
+            .or_else(|| m.get(&ExpectKey { flavor: Some(flavor), fs: None }))
+            .or_else(|| m.get(&ExpectKey { flavor: None, fs: None }))
+    }
 }
 
 /// One scenario spec file.
@@ -225,7 +260,13 @@ impl Scenario {
             steps: self
                 .steps
                 .iter()
-                .map(|s| PlannedStep { name: s.name.clone(), action: s.action.clone(), by: s.by, probe: s.probe })
+                .map(|s| PlannedStep {
+                    name: s.name.clone(),
+                    action: s.action.clone(),
+                    by: s.by,
+                    probe: s.probe,
+                    may_block: s.may_block,
+                })
                 .collect(),
         }
     }
@@ -244,6 +285,52 @@ impl Scenario {
         }
         if self.steps.is_empty() {
             bail!("{file}: scenario {} has no steps", self.id);
+        }
+        let mut blocking_before = false;
+        for (i, step) in self.steps.iter().enumerate() {
+            let at = &step.expect.referenced;
+            let detachable = matches!(
+                step.action,
+                Action::Truncate { via: crate::plan::TruncVia::Path, .. } | Action::Fallocate { .. }
+            );
+            if step.may_block && (step.by != Proc::Other || !detachable) {
+                bail!(
+                    "{file}:{}:{}: step {} ('{}') is may_block, but only a truncate by path or a fallocate run \
+                     by `other` can be watched while it sleeps",
+                    at.line(),
+                    at.column(),
+                    i + 1,
+                    step.name
+                );
+            }
+            if !step.may_block && step_expects(step, &Outcome::Blocked) {
+                bail!(
+                    "{file}:{}:{}: step {} ('{}') expects `blocked` but is not `may_block: true`",
+                    at.line(),
+                    at.column(),
+                    i + 1,
+                    step.name
+                );
+            }
+            if matches!(step.action, Action::Await) && !blocking_before {
+                bail!(
+                    "{file}:{}:{}: step {} ('{}') awaits, but no step before it is `may_block`",
+                    at.line(),
+                    at.column(),
+                    i + 1,
+                    step.name
+                );
+            }
+            if !step.placement.is_empty() && !matches!(step.action, Action::Locate { .. }) {
+                bail!(
+                    "{file}:{}:{}: step {} ('{}') has a placement, but only `locate` steps find blocks",
+                    at.line(),
+                    at.column(),
+                    i + 1,
+                    step.name
+                );
+            }
+            blocking_before |= step.may_block;
         }
         for flavor in Flavor::ALL {
             for fs in Fs::ALL {
@@ -272,7 +359,7 @@ impl Scenario {
                             i + 1,
                             step.name
                         ),
-                        (None, Some(Outcome::Errno(_))) if !step.probe => stopped = Some(i),
+                        (None, Some(Outcome::Errno(_) | Outcome::Mismatch)) if !step.probe => stopped = Some(i),
                         _ => {}
                     }
                 }
@@ -351,6 +438,14 @@ impl Scenario {
     }
 }
 
+/// Whether any cell of `step` expects `o`.
+fn step_expects(step: &Step, o: &Outcome) -> bool {
+    match &step.expect.value {
+        Expect::All(x) => x == o,
+        Expect::By(m) => m.values().any(|x| x == o),
+    }
+}
+
 /// How `step` needs the child process, if it does: run by it, or naming it.
 fn child_use(step: &Step) -> Option<&'static str> {
     if step.by == Proc::Child {
@@ -366,6 +461,12 @@ fn child_use(step: &Step) -> Option<&'static str> {
 
 fn is_scenario_id(s: &str) -> bool {
     s.len() == 3 && s.starts_with('S') && s[1..].chars().all(|c| c.is_ascii_digit())
+}
+
+/// Parse any YAML document of pinlab's (e.g. `tests/expected-splats.yaml`)
+/// with the same parser as the specs.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Parse one spec from text; `path` names it in errors.
@@ -440,7 +541,7 @@ steps:
     expect: ok
   - name: reg
     action: reg_mr
-    expect: {stock: EOPNOTSUPP, patched: EPERM, patched/xfs: ENOTSUP}
+    expect: {stock: EOPNOTSUPP, patched: EPERM, patched/xfs: ENOTSUP, hazard: ok}
 ";
 
     fn p(s: &str) -> Result<Scenario> {
@@ -494,7 +595,8 @@ steps:
 
     #[test]
     fn missing_expectation_is_reported_with_its_line() {
-        let bad = GOOD.replace("{stock: EOPNOTSUPP, patched: EPERM, patched/xfs: ENOTSUP}", "{stock: EOPNOTSUPP}");
+        let bad = GOOD
+            .replace("{stock: EOPNOTSUPP, patched: EPERM, patched/xfs: ENOTSUP, hazard: ok}", "{stock: EOPNOTSUPP}");
         let e = p(&bad).unwrap_err().to_string();
         assert!(e.contains(":10:"), "{e}");
         assert!(e.contains("no expectation for patched/ext4"), "{e}");
@@ -573,7 +675,7 @@ steps:
     #[test]
     fn a_child_step_where_the_fork_is_expected_to_fail_is_rejected() {
         let bad = with_steps(&[
-            ("fork", "action: fork\nprobe: true", "{stock: ENOMEM, patched: ok}"),
+            ("fork", "action: fork\nprobe: true", "{stock: ENOMEM, patched: ok, hazard: ok}"),
             ("child exits", "by: child\naction: exit", "ok"),
         ]);
         let e = p13(&bad).unwrap_err().to_string();
@@ -582,8 +684,8 @@ steps:
         // A failed fork that stops the scenario there, with the child step
         // run only where the fork succeeds, is fine.
         p13(&with_steps(&[
-            ("fork", "action: fork", "{stock: ENOMEM, patched: ok}"),
-            ("child exits", "by: child\naction: exit", "{patched: ok}"),
+            ("fork", "action: fork", "{stock: ENOMEM, patched: ok, hazard: ok}"),
+            ("child exits", "by: child\naction: exit", "{patched: ok, hazard: ok}"),
         ]))
         .unwrap();
     }

@@ -76,6 +76,9 @@ pub struct Splat {
     pub line: usize,
     /// The line itself.
     pub text: String,
+    /// The scenario the guest was running when the kernel printed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scenario: Option<String>,
 }
 
 /// (kind, substring) pairs; checked after stripping the printk timestamp.
@@ -123,7 +126,9 @@ pub fn splat_in_line(line: &str) -> Option<SplatKind> {
 pub fn scan(log: &str) -> Vec<Splat> {
     log.lines()
         .enumerate()
-        .filter_map(|(i, l)| splat_in_line(l).map(|kind| Splat { kind, line: i + 1, text: l.trim_end().to_string() }))
+        .filter_map(|(i, l)| {
+            splat_in_line(l).map(|kind| Splat { kind, line: i + 1, text: l.trim_end().to_string(), scenario: None })
+        })
         .collect()
 }
 

@@ -166,11 +166,23 @@ fn scenarios(s: &mut String, r: &RunResults) {
                         s.push_str("<td></td>");
                     }
                 }
+                let where_ = |p: &Option<pinlab_scenarios::results::Placement>| {
+                    p.as_ref()
+                        .map(|p| {
+                            format!(
+                                "<br><span class=\"small\">{}</span>",
+                                esc(&pinlab_scenarios::results::placement_text(p))
+                            )
+                        })
+                        .unwrap_or_default()
+                };
                 let _ = writeln!(
                     s,
-                    "<td class=\"mono\">{}</td><td class=\"{class} mono\">{}</td></tr>",
+                    "<td class=\"mono\">{}{}</td><td class=\"{class} mono\">{}{}</td></tr>",
                     esc(st.expected.as_str()),
-                    esc(st.actual.as_str())
+                    where_(&st.expected_placement),
+                    esc(st.actual.as_str()),
+                    where_(&st.placement)
                 );
             }
             s.push_str("</table>\n");
@@ -187,8 +199,20 @@ fn scenarios(s: &mut String, r: &RunResults) {
 fn boots(s: &mut String, r: &RunResults) {
     s.push_str("<h2>The boots</h2>\n<table><tr><th>kernel / fs</th><th>uname -r</th><th>wall</th><th>to runner</th><th>fsck</th><th>selftests</th><th>console</th><th>problems</th></tr>\n");
     for b in &r.boots {
-        let problems: Vec<String> =
+        let mut problems: Vec<String> =
             b.failure.iter().cloned().chain(b.splats.iter().map(crate::report::splat_line)).collect();
+        let noticed: Vec<String> = b
+            .noticed
+            .iter()
+            .map(|n| {
+                format!(
+                    "the kernel noticed ({}): {} — {}",
+                    n.splat.scenario.as_deref().unwrap_or("-"),
+                    n.splat.text.trim(),
+                    n.reason
+                )
+            })
+            .collect();
         let _ = writeln!(
             s,
             "<tr><td>{}/{}</td><td class=\"mono\">{}</td><td>{:.1} s</td><td>{}</td><td class=\"small\">{}</td><td class=\"small\">{}</td><td><a href=\"{c}\">{c}</a></td><td class=\"{}\">{}</td></tr>",
@@ -200,7 +224,12 @@ fn boots(s: &mut String, r: &RunResults) {
             esc(&b.fsck.as_ref().map(crate::report::step_line).unwrap_or_else(|| "—".into())),
             b.selftest_summary(),
             if problems.is_empty() { "ok" } else { "bad" },
-            if problems.is_empty() { "none".to_string() } else { esc(&problems.join("; ")) },
+            if problems.is_empty() && noticed.is_empty() {
+                "none".to_string()
+            } else {
+                problems.append(&mut noticed.clone());
+                esc(&problems.join("; "))
+            },
             c = esc(&b.console)
         );
     }

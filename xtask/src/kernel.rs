@@ -193,8 +193,26 @@ pub fn read_fragments() -> Result<Vec<(String, String)>> {
 
 /// The patch files of `kernel-patches/series`, in order, as (name, contents).
 pub fn read_series() -> Result<Vec<(String, Vec<u8>)>> {
+    read_series_file("series")
+}
+
+/// The patches a flavor applies onto the stock source, as (name relative to
+/// `kernel-patches/`, contents): none for stock, `series` for patched,
+/// `hazard/series` for hazard.
+pub fn series_of(flavor: Flavor) -> Result<Vec<(String, Vec<u8>)>> {
+    match flavor {
+        Flavor::Stock => Ok(Vec::new()),
+        Flavor::Patched => read_series(),
+        Flavor::Hazard => read_series_file("hazard/series"),
+    }
+}
+
+/// The patches a series file under `kernel-patches/` lists (names in it are
+/// relative to its own directory).
+fn read_series_file(rel: &str) -> Result<Vec<(String, Vec<u8>)>> {
     let dir = util::project_root().join("kernel-patches");
-    let series = dir.join("series");
+    let series = dir.join(rel);
+    let sub = Path::new(rel).parent().unwrap_or(Path::new(""));
     let text = match fs_err::read_to_string(&series) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -206,19 +224,23 @@ pub fn read_series() -> Result<Vec<(String, Vec<u8>)>> {
         if l.is_empty() || l.starts_with('#') {
             continue;
         }
-        let p = dir.join(l);
-        let bytes = fs_err::read(&p)
-            .with_context(|| format!("kernel-patches/series:{}: cannot read {}", i + 1, p.display()))?;
-        out.push((l.to_string(), bytes));
+        let name = sub.join(l).display().to_string();
+        let p = dir.join(&name);
+        let bytes =
+            fs_err::read(&p).with_context(|| format!("kernel-patches/{rel}:{}: cannot read {}", i + 1, p.display()))?;
+        out.push((name, bytes));
     }
     Ok(out)
 }
 
-/// The flavors that can be built now: stock always, patched once the series lists patches.
+/// The flavors that can be built now: stock always, patched and hazard once
+/// their series list patches.
 pub fn available_flavors() -> Result<Vec<Flavor>> {
     let mut v = vec![Flavor::Stock];
-    if !read_series()?.is_empty() {
-        v.push(Flavor::Patched);
+    for f in [Flavor::Patched, Flavor::Hazard] {
+        if !series_of(f)?.is_empty() {
+            v.push(f);
+        }
     }
     Ok(v)
 }
@@ -407,12 +429,12 @@ pub fn rewind(tree: &Path, applied: usize, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// A git tree of the pinned source with the series applied as commits
-/// (`cache/trees/patched`). The longest unchanged prefix of the applied
-/// series stays (see [`rewind`]); only the patches from the first changed
-/// one on are applied again.
-pub fn patched_tree(cache: &Cache, series: &[(String, Vec<u8>)], sources: &Sources) -> Result<PathBuf> {
-    let tree = base_tree(cache, "patched", sources)?;
+/// A git tree of the pinned source with a flavor's series applied as
+/// commits (`cache/trees/<name>`). The longest unchanged prefix of the
+/// applied series stays (see [`rewind`]); only the patches from the first
+/// changed one on are applied again.
+pub fn series_tree(cache: &Cache, name: &str, series: &[(String, Vec<u8>)], sources: &Sources) -> Result<PathBuf> {
+    let tree = base_tree(cache, name, sources)?;
     let keys: Vec<String> =
         series.iter().map(|(n, b)| format!("{n} {}", KeyHasher::default().part(n, b).finish())).collect();
     let stamp = tree.join(".git/pinlab-series");
@@ -613,7 +635,7 @@ pub fn bzimage_problem(bytes: &[u8]) -> Option<String> {
 /// The cached kernel of `flavor` built from the resolved Debian source, if
 /// a complete, verified one is there (nothing is built or fetched).
 pub fn cached(cache: &Cache, flavor: Flavor, sources: &Sources) -> Result<Option<Kernel>> {
-    let series = if flavor == Flavor::Patched { read_series()? } else { Vec::new() };
+    let series = series_of(flavor)?;
     let key = cache_key(&debian_source_id(&sources.kernel_version), &series, &read_fragments()?);
     let out_dir = cache.root.join("kernels").join(format!("{}-{key}", flavor.name()));
     if !out_dir.exists() || kernel_problems(&out_dir, &key).is_some() {
@@ -625,11 +647,11 @@ pub fn cached(cache: &Cache, flavor: Flavor, sources: &Sources) -> Result<Option
 /// A `--kernel-tree` may be booted as `patched` only if it carries the
 /// series: pinlab builds a user's tree as it is and never mislabels it.
 pub fn check_tree(flavor: Flavor, tree: &Path, series: &[(String, Vec<u8>)]) -> Result<()> {
-    if flavor == Flavor::Patched && !tree_has_series(tree, series)? {
+    if flavor != Flavor::Stock && !tree_has_series(tree, series)? {
         bail!(
-            "--flavor patched --kernel-tree {}: that tree does not carry kernel-patches/ (its last patch, {}, \
-             does not reverse-apply). pinlab builds your tree as it is and will not label it patched. Apply \
-             the series first (`git -C {} am -3 {}/00*.patch`), or boot it as --flavor stock.",
+            "--flavor {flavor} --kernel-tree {}: that tree does not carry its series (the last patch, {}, \
+             does not reverse-apply). pinlab builds your tree as it is and will not label it {flavor}. Apply \
+             the series first (`git -C {} am -3 {}/<the series' patches>`), or boot it as --flavor stock.",
             tree.display(),
             series.last().map(|(n, _)| n.as_str()).unwrap_or(""),
             tree.display(),
@@ -682,16 +704,13 @@ fn seed_from_stock(cache: &Cache, sources: &Sources, build_dir: &Path, flavor: F
 pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) -> Result<Kernel> {
     let fragments = read_fragments()?;
     parse_fragments(&fragments)?;
-    let series = match flavor {
-        Flavor::Stock => Vec::new(),
-        Flavor::Patched => {
-            let s = read_series()?;
-            if s.is_empty() {
-                bail!("the patched flavor needs patches: kernel-patches/series lists none yet");
-            }
-            s
-        }
-    };
+    let series = series_of(flavor)?;
+    if flavor != Flavor::Stock && series.is_empty() {
+        bail!(
+            "the {flavor} flavor needs patches: {} lists none yet",
+            if flavor == Flavor::Hazard { "kernel-patches/hazard/series" } else { "kernel-patches/series" }
+        );
+    }
     let (source_id, build_name, tree_path) = match source {
         Source::Debian => (debian_source_id(&sources.kernel_version), flavor.name().to_string(), None),
         Source::Tree(p) => {
@@ -733,7 +752,7 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) 
     let srctree = match (&tree_path, flavor) {
         (Some(p), _) => p.clone(),
         (None, Flavor::Stock) => debian_source(cache, sources)?,
-        (None, Flavor::Patched) => patched_tree(cache, &series, sources)?,
+        (None, f) => series_tree(cache, f.name(), &series, sources)?,
     };
     let build_dir = match &tree_path {
         // Never write into a user's tree.

@@ -100,9 +100,9 @@ pub fn prepare(cache: &Cache, opts: &LabOpts) -> Result<Lab> {
     let flavors = dedup(&opts.flavors);
     // Refuse a mislabelled tree before minutes of set-up, not after.
     if let Some(t) = &opts.kernel_tree {
-        if flavors.contains(&Flavor::Patched) {
+        for &f in flavors.iter().filter(|f| **f != Flavor::Stock) {
             let t = t.canonicalize().with_context(|| format!("--kernel-tree {} does not exist", t.display()))?;
-            kernel::check_tree(Flavor::Patched, &t, &kernel::read_series()?)?;
+            kernel::check_tree(f, &t, &kernel::series_of(f)?)?;
         }
     }
     timings.time("host packages", || {

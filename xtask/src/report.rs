@@ -32,8 +32,12 @@ pub struct BootRecord {
     pub console: String,
     /// How the boot ended; `None` if it never started.
     pub end: Option<BootEnd>,
-    /// Kernel splats found on the console.
+    /// Kernel splats found on the console that no entry of
+    /// `tests/expected-splats.yaml` expects: each fails the boot.
     pub splats: Vec<Splat>,
+    /// Splats this flavor is expected to print there, with the reason.
+    #[serde(default)]
+    pub noticed: Vec<NoticedSplat>,
     /// A boot-level failure, for people (deadline, crash, missing results, selftests, fsck).
     pub failure: Option<String>,
     /// The failure was the infrastructure's (deadline, QEMU, virtiofsd,
@@ -56,6 +60,15 @@ impl BootRecord {
         let count = |o: TapOutcome| self.selftests.iter().filter(|t| t.outcome == o).count();
         format!("{} ok, {} skipped, {} failed", count(TapOutcome::Ok), count(TapOutcome::Skip), count(TapOutcome::Fail))
     }
+}
+
+/// An expected splat: the kernel noticing what the scenario provoked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NoticedSplat {
+    /// The splat.
+    pub splat: Splat,
+    /// Why this kernel prints it there.
+    pub reason: String,
 }
 
 /// `kind at console.log:N: text`.
@@ -218,6 +231,18 @@ pub fn table(r: &RunResults) -> String {
         }
         let _ = writeln!(s);
         let _ = writeln!(s, "     {}", spec.shows);
+        // Where the NIC's bytes were found (the last locate step of each cell).
+        for c in r.results.iter().filter(|c| c.scenario == spec.id) {
+            if let Some(p) = c.steps.iter().rev().find_map(|st| st.placement.as_ref()) {
+                let _ = writeln!(
+                    s,
+                    "     {}/{}: the NIC's bytes are in {}",
+                    c.flavor,
+                    cell_fs(spec, c.fs),
+                    pinlab_scenarios::results::placement_text(p)
+                );
+            }
+        }
         for c in r.results.iter().filter(|c| c.scenario == spec.id && !c.pass) {
             let _ = writeln!(s, "     ✗ {}/{}: {}", c.flavor, cell_fs(spec, c.fs), c.headline());
             if let Some(i) = &c.isolation {
@@ -232,6 +257,16 @@ pub fn table(r: &RunResults) -> String {
         }
         for sp in &b.splats {
             let _ = writeln!(s, "boot {}/{} kernel splat: {}", b.flavor, b.fs, splat_line(sp));
+        }
+        for n in &b.noticed {
+            let _ = writeln!(
+                s,
+                "boot {}/{} {}: the kernel noticed (expected): {}",
+                b.flavor,
+                b.fs,
+                n.splat.scenario.as_deref().unwrap_or("-"),
+                n.splat.text.trim()
+            );
         }
     }
     s
@@ -283,6 +318,9 @@ pub fn markdown(r: &RunResults) -> String {
         );
         for sp in &b.splats {
             let _ = writeln!(s, "  - **kernel splat:** `{}`", splat_line(sp));
+        }
+        for n in &b.noticed {
+            let _ = writeln!(s, "  - the kernel noticed (expected here): `{}` — {}", splat_line(&n.splat), n.reason);
         }
         for st in &b.setup {
             let _ = writeln!(s, "  - setup: {}", step_line(st));

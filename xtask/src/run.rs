@@ -104,6 +104,7 @@ pub fn last_run_dir() -> Option<PathBuf> {
 pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
     let t0 = Instant::now();
     let specs = spec::select(load_specs()?, &opts.scenarios)?;
+    let allow = verdict::SplatAllowList::load()?;
     let flavors = if !opts.flavors.is_empty() {
         lab::dedup(&opts.flavors)
     } else if opts.demo {
@@ -160,6 +161,7 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
                 .iter()
                 .map(|(k, fs)| {
                     let ctx = BootCtx {
+                        allow: &allow,
                         specs: &specs,
                         rootfs: &lab.rootfs,
                         virtiofsd: &lab.virtiofsd,
@@ -259,6 +261,8 @@ fn not_run(specs: &[Scenario], flavor: Flavor, key: &str, fs: Fs, why: &str) -> 
 
 /// What every boot of a run shares.
 struct BootCtx<'a> {
+    /// The splats each flavor is expected to print.
+    allow: &'a verdict::SplatAllowList,
     specs: &'a [Scenario],
     rootfs: &'a std::path::Path,
     virtiofsd: &'a std::path::Path,
@@ -327,7 +331,7 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         on_event: &mut on_event,
     })?;
     pb.finish_and_clear();
-    let (cells, record) = verdict::judge(&boot, &mine, k.flavor, fs, &k.key, run_dir);
+    let (cells, record) = verdict::judge(&boot, &mine, k.flavor, fs, &k.key, run_dir, ctx.allow);
     eprintln!(
         "{label}: {} in {} (runner started at {})",
         if record.failure.is_none() && record.splats.is_empty() { "done" } else { "FAILED" },

@@ -3,12 +3,15 @@
 //! [`crate::vm`] only reports what happened; this module says whether that
 //! is what the specs expect.
 
-use crate::report::{step_line, BootRecord};
+use crate::console::{Splat, SplatKind};
+use crate::report::{step_line, BootRecord, NoticedSplat};
 use crate::vm::{Boot, BootEnd};
+use anyhow::{Context, Result};
 use pinlab_scenarios::protocol::StepOutcome;
 use pinlab_scenarios::results::{self, BootResults, CellResult, TapOutcome};
 use pinlab_scenarios::spec::Scenario;
 use pinlab_scenarios::{Flavor, Fs};
+use serde::Deserialize;
 use std::path::Path;
 
 /// Why a boot as a whole failed.
@@ -82,13 +85,98 @@ fn results_problem(r: &BootResults, console: &str) -> Option<Problem> {
     }
 }
 
-/// Whether the kernel's splats fail the boot. Today every splat does, on
-/// every flavor; per-flavor expected splats (with a reason) belong here.
+/// A splat a flavor is expected to print in a scenario (`tests/expected-splats.yaml`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedSplat {
+    /// The flavor.
+    pub flavor: Flavor,
+    /// The scenario that provokes it.
+    pub scenario: String,
+    /// Its kind.
+    pub kind: SplatKind,
+    /// A regular expression its console line matches.
+    pub matches: String,
+    /// Why, for the report.
+    pub reason: String,
+}
+
+/// The expected splats, their expressions compiled.
+#[derive(Clone, Debug, Default)]
+pub struct SplatAllowList(Vec<(ExpectedSplat, regex::Regex)>);
+
+impl SplatAllowList {
+    /// Read `tests/expected-splats.yaml`.
+    pub fn load() -> Result<SplatAllowList> {
+        let p = crate::util::project_root().join("tests/expected-splats.yaml");
+        let text = fs_err::read_to_string(&p)?;
+        Self::parse(&text).with_context(|| format!("{} is malformed", p.display()))
+    }
+
+    /// Parse the YAML list.
+    pub fn parse(text: &str) -> Result<SplatAllowList> {
+        let list: Vec<ExpectedSplat> = pinlab_scenarios::spec::parse_yaml(text)?;
+        let mut out = Vec::new();
+        for (i, e) in list.into_iter().enumerate() {
+            let re = regex::Regex::new(&e.matches).with_context(|| {
+                format!("entry {} ({} {}): bad expression '{}'", i + 1, e.flavor, e.scenario, e.matches)
+            })?;
+            out.push((e, re));
+        }
+        Ok(SplatAllowList(out))
+    }
+}
+
+/// A boot's splats sorted out: the ones expected (with their reason), the
+/// unexpected ones, and the expected ones that did not appear.
+#[derive(Debug, Default)]
+pub struct Splats {
+    /// Expected for this flavor and scenario.
+    pub noticed: Vec<NoticedSplat>,
+    /// Anything else: fails the boot.
+    pub unexpected: Vec<Splat>,
+    /// Expected here (its scenario ran) but not printed: fails the boot.
+    pub missing: Vec<String>,
+}
+
+/// Sort `boot`'s splats for `flavor`, given the scenarios this boot ran.
+pub fn sort_splats(boot: &Boot, flavor: Flavor, ran: &[&str], allow: &SplatAllowList) -> Splats {
+    let mut out = Splats::default();
+    let mut seen = vec![false; allow.0.len()];
+    for sp in &boot.splats {
+        let hit = allow.0.iter().position(|(e, re)| {
+            e.flavor == flavor
+                && e.kind == sp.kind
+                && sp.scenario.as_deref() == Some(e.scenario.as_str())
+                && re.is_match(&sp.text)
+        });
+        match hit {
+            Some(i) => {
+                seen[i] = true;
+                out.noticed.push(NoticedSplat { splat: sp.clone(), reason: allow.0[i].0.reason.clone() });
+            }
+            None => out.unexpected.push(sp.clone()),
+        }
+    }
+    for (i, (e, _)) in allow.0.iter().enumerate() {
+        if e.flavor == flavor && ran.contains(&e.scenario.as_str()) && !seen[i] {
+            out.missing.push(format!(
+                "the {} kernel was expected to print a {} matching '{}' in {} ({}), and did not",
+                e.flavor, e.kind, e.matches, e.scenario, e.reason
+            ));
+        }
+    }
+    out
+}
+
+/// Whether the kernel's splats fail a boot that runs no scenario (bench):
+/// any splat does.
 pub fn splats_fail(boot: &Boot, _flavor: Flavor) -> bool {
     !boot.splats.is_empty()
 }
 
 /// Judge one boot of a run: a cell per scenario it ran, and its record.
+#[allow(clippy::too_many_arguments)]
 pub fn judge(
     boot: &Boot,
     scenarios: &[&Scenario],
@@ -96,9 +184,15 @@ pub fn judge(
     fs: Fs,
     kernel_key: &str,
     run_dir: &Path,
+    allow: &SplatAllowList,
 ) -> (Vec<CellResult>, BootRecord) {
-    let problem = boot_problem(boot);
-    let boot_ok = problem.is_none() && !splats_fail(boot, flavor);
+    let ran: Vec<&str> = scenarios.iter().map(|s| s.id.as_str()).collect();
+    let splats = sort_splats(boot, flavor, &ran, allow);
+    let mut problem = boot_problem(boot);
+    if problem.is_none() && !splats.missing.is_empty() {
+        problem = Some(Problem { text: splats.missing.join("; "), infra: false });
+    }
+    let boot_ok = problem.is_none() && splats.unexpected.is_empty();
     let res = boot.results.as_ref().ok().and_then(Option::as_ref);
     let mut cells = Vec::new();
     for s in scenarios {
@@ -123,7 +217,8 @@ pub fn judge(
         to_runner_s: boot.to_runner.map(|d| d.as_secs_f64()),
         console: rel(&boot.console),
         end: Some(boot.end.clone()),
-        splats: boot.splats.clone(),
+        splats: splats.unexpected,
+        noticed: splats.noticed,
         failure: problem.as_ref().map(|p| p.text.clone()),
         infra: problem.as_ref().is_some_and(|p| p.infra),
         setup: res.map(|r| r.setup.clone()).unwrap_or_default(),
@@ -154,6 +249,7 @@ pub fn not_run(specs: &[Scenario], flavor: Flavor, key: &str, fs: Fs, why: &str)
         console: String::new(),
         end: None,
         splats: Vec::new(),
+        noticed: Vec::new(),
         failure: Some(format!("not run: {why}")),
         infra: true,
         setup: Vec::new(),
@@ -175,7 +271,6 @@ pub fn step_mark(expected: &StepOutcome, actual: &StepOutcome) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::console::{Splat, SplatKind};
     use pinlab_scenarios::results::{SelftestResult, StepResult};
     use std::time::Duration;
 
@@ -193,7 +288,7 @@ mod tests {
     }
 
     fn step(name: &str, outcome: StepOutcome) -> StepResult {
-        StepResult { name: name.into(), outcome, detail: String::new(), ms: 1.0 }
+        StepResult { name: name.into(), outcome, detail: String::new(), ms: 1.0, placement: None }
     }
 
     fn clean() -> BootResults {
@@ -205,7 +300,7 @@ mod tests {
         let deadline = boot_problem(&boot(BootEnd::RunDeadline { after_s: 90.0 }, None)).unwrap();
         assert!(deadline.infra);
         assert!(deadline.text.starts_with("watchdog: no progress for 1m30s; QEMU killed while the guest was in scenario S05, step 4 (truncate). Console: /run/x/stock-ext4/console.log; it last printed:\n    [ 1.0] last line"), "{}", deadline.text);
-        let splat = Splat { kind: SplatKind::Oops, line: 7, text: "Oops: 0000".into() };
+        let splat = Splat { kind: SplatKind::Oops, line: 7, text: "Oops: 0000".into(), scenario: None };
         let crash = boot_problem(&boot(BootEnd::KernelCrashed { splat }, None)).unwrap();
         assert!(!crash.infra);
         assert!(
@@ -237,5 +332,38 @@ mod tests {
         r.setup.push(step("mkfs", StepOutcome::Errno("EIO".into())));
         let p = boot_problem(&boot(BootEnd::Completed { rc: 1 }, Some(r))).unwrap();
         assert!(p.infra && p.text == "guest setup failed: mkfs: EIO ()", "{}", p.text);
+    }
+
+    #[test]
+    fn expected_splats_are_noticed_unexpected_fail_missing_fail() {
+        let allow = SplatAllowList::parse(
+            "- flavor: hazard\n  scenario: S20\n  kind: warning\n  matches: 'fs/dax\\.c:\\d+ dax_disassociate_entry'\n  \
+             reason: free mode\n",
+        )
+        .unwrap();
+        let warn = |sc: &str| Splat {
+            kind: SplatKind::Warning,
+            line: 9,
+            text: "[ 5.1] WARNING: CPU: 0 PID: 77 at fs/dax.c:390 dax_disassociate_entry+0x5b/0x70".into(),
+            scenario: Some(sc.into()),
+        };
+        let mut b = boot(BootEnd::Completed { rc: 0 }, Some(clean()));
+        b.splats = vec![warn("S20")];
+        let s = sort_splats(&b, Flavor::Hazard, &["S19", "S20"], &allow);
+        assert_eq!((s.noticed.len(), s.unexpected.len(), s.missing.len()), (1, 0, 0));
+        assert_eq!(s.noticed[0].reason, "free mode");
+        // The same line on patched, or in another scenario, fails.
+        assert_eq!(sort_splats(&b, Flavor::Patched, &["S20"], &allow).unexpected.len(), 1);
+        b.splats = vec![warn("S19")];
+        let s = sort_splats(&b, Flavor::Hazard, &["S19", "S20"], &allow);
+        assert_eq!((s.unexpected.len(), s.missing.len()), (1, 1));
+        // Not expected where S20 did not run.
+        b.splats.clear();
+        assert!(sort_splats(&b, Flavor::Hazard, &["S19"], &allow).missing.is_empty());
+    }
+
+    #[test]
+    fn the_shipped_allow_list_parses() {
+        SplatAllowList::load().unwrap();
     }
 }

@@ -470,7 +470,12 @@ pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
                     last_progress = Instant::now();
                     (spec.on_event)(&BootEvent::Guest(ev));
                 } else if let Some(kind) = console::splat_in_line(&line) {
-                    let splat = Splat { kind, line: lineno, text: line.trim_end().to_string() };
+                    let splat = Splat {
+                        kind,
+                        line: lineno,
+                        text: line.trim_end().to_string(),
+                        scenario: progress.scenario.clone(),
+                    };
                     if hang.is_none() && kind.is_hang() {
                         hang = Some((Instant::now(), line.clone()));
                     }

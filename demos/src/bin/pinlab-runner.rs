@@ -55,7 +55,7 @@ fn tool(prog: &str, args: &[&str]) -> Result<String, StepError> {
 /// A step as it ended (`rep`, from this process or a worker), timed from `t`.
 fn record(name: &str, t: Instant, rep: Reply) -> StepResult {
     let ms = t.elapsed().as_secs_f64() * 1000.0;
-    StepResult { name: name.into(), outcome: rep.outcome, detail: rep.detail, ms }
+    StepResult { name: name.into(), outcome: rep.outcome, detail: rep.detail, ms, placement: rep.placement }
 }
 
 /// `ndctl create-namespace` on a label-less NVDIMM; returns the device it made.
@@ -189,6 +189,44 @@ struct Scene<'a> {
     procs: BTreeMap<Proc, Live>,
     me: Worker,
     remounted: bool,
+    /// A `may_block` call that was still sleeping when looked at.
+    pending: Option<Pending>,
+    /// Sysctls the scenario changed: (name, old value), to put back.
+    sysctls: Vec<(String, String)>,
+    /// Files the scenario created besides its own (victim, filler), to remove.
+    created: Vec<PathBuf>,
+}
+
+/// A call made on a thread of its own that had not returned when looked at.
+struct Pending {
+    /// What it is, for messages.
+    what: String,
+    /// Its end.
+    rx: std::sync::mpsc::Receiver<Reply>,
+    /// Its thread, to join once it returned.
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Where thread `tid` of this process sleeps: `/proc/self/task/TID/wchan`
+/// and the top of its kernel stack (root can read it).
+fn sleeping_in(tid: i32) -> String {
+    let base = format!("/proc/self/task/{tid}");
+    let wchan = std::fs::read_to_string(format!("{base}/wchan")).unwrap_or_default();
+    let state = std::fs::read_to_string(format!("{base}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.chars().next().unwrap_or('?')))
+        .unwrap_or('?');
+    let stack: Vec<String> = std::fs::read_to_string(format!("{base}/stack"))
+        .unwrap_or_default()
+        .lines()
+        .take(6)
+        .map(|l| l.split_whitespace().nth(1).unwrap_or(l).to_string())
+        .collect();
+    format!(
+        "sleeping in {} (state {state}){}",
+        if wchan.trim().is_empty() || wchan.trim() == "0" { "?" } else { wchan.trim() },
+        if stack.is_empty() { String::new() } else { format!("; kernel stack: {}", stack.join(" <- ")) }
+    )
 }
 
 const STEP_DEADLINE: Duration = Duration::from_secs(pinlab_scenarios::plan::STEP_DEADLINE_S);
@@ -208,6 +246,9 @@ impl<'a> Scene<'a> {
             ctx,
             listener,
             procs: BTreeMap::new(),
+            pending: None,
+            sysctls: Vec::new(),
+            created: Vec::new(),
             remounted: false,
         })
     }
@@ -294,7 +335,11 @@ impl<'a> Scene<'a> {
             (Action::Fork, StepOutcome::Ok) => self.accept(Proc::Child, None)?,
             (Action::Exit, StepOutcome::Ok) => {
                 let gone = self.wait_gone(role, Duration::from_secs(10))?;
-                return Ok(Reply { outcome: StepOutcome::Ok, detail: format!("{}; {gone}", rep.detail) });
+                return Ok(Reply {
+                    outcome: StepOutcome::Ok,
+                    detail: format!("{}; {gone}", rep.detail),
+                    placement: None,
+                });
             }
             _ => {}
         }
@@ -320,12 +365,98 @@ impl<'a> Scene<'a> {
 
     /// Do one step: the runner's own actions here, the others' by asking them.
     fn step(&mut self, st: &PlannedStep) -> Reply {
+        if st.may_block {
+            return self.detached(st);
+        }
         match (st.by, &st.action) {
+            (Proc::Other, Action::Sysctl { name, value }) => {
+                reply(pinlab_demos::oracle::sysctl(name, value).map(|(old, detail)| {
+                    self.sysctls.push((name.clone(), old));
+                    detail
+                }))
+            }
+            (Proc::Other, Action::Await) => self.await_pending(STEP_DEADLINE),
+            (_, Action::Locate { len }) => {
+                match pinlab_demos::oracle::locate(&self.lab.pmem, Path::new(PMEM_MNT), len.0 as usize) {
+                    Ok((detail, placement)) => Reply { outcome: StepOutcome::Ok, detail, placement: Some(placement) },
+                    Err(e) => reply(Err(e)),
+                }
+            }
+            (_, Action::Fill) | (_, Action::CreateFile { .. }) => {
+                let name = match &st.action {
+                    Action::CreateFile { name, .. } => name.clone(),
+                    _ => pinlab_demos::oracle::FILLER.to_string(),
+                };
+                self.created.push(Path::new(PMEM_MNT).join(name));
+                match st.by {
+                    Proc::Other => reply(self.me.exec(&st.action)),
+                    role => self.ask(role, &st.action).unwrap_or_else(|e| reply(Err(e))),
+                }
+            }
             (Proc::Other, Action::Kill { who }) => reply(self.kill(*who)),
             (Proc::Other, Action::FilePins { of, expect }) => reply(self.file_pins(*of, expect)),
             (Proc::Other, Action::Remount { dax }) => reply(self.remount(*dax)),
             (Proc::Other, a) => reply(self.me.exec(a)),
             (role, a) => self.ask(role, a).unwrap_or_else(|e| reply(Err(e))),
+        }
+    }
+
+    /// A `may_block` step: the call runs on a thread of its own; if it has not
+    /// returned after BLOCK_CHECK_MS it is `blocked`, with where it sleeps,
+    /// and a later `await` takes its end.
+    fn detached(&mut self, st: &PlannedStep) -> Reply {
+        let (tx, rx) = std::sync::mpsc::channel::<Reply>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel::<i32>();
+        let ctx = self.ctx.clone();
+        let action = st.action.clone();
+        let thread = match std::thread::Builder::new().name("may-block".into()).spawn(move || {
+            let _ = tid_tx.send(nix::unistd::gettid().as_raw());
+            let mut w = Worker::new(Proc::Other, ctx);
+            let _ = tx.send(reply(w.exec(&action)));
+        }) {
+            Ok(t) => t,
+            Err(e) => return reply(Err(StepError::other(format!("spawn a thread for {}: {e}", st.action.kind())))),
+        };
+        let tid = tid_rx.recv().unwrap_or(0);
+        let check = Duration::from_millis(pinlab_scenarios::plan::BLOCK_CHECK_MS);
+        match rx.recv_timeout(check) {
+            Ok(rep) => {
+                let _ = thread.join();
+                rep
+            }
+            Err(_) => {
+                let where_ = sleeping_in(tid);
+                let what = format!("{} (thread {tid})", st.action.kind());
+                self.pending = Some(Pending { what: what.clone(), rx, thread });
+                Reply {
+                    outcome: StepOutcome::Blocked,
+                    detail: format!("{what} has not returned after {} ms: {where_}", check.as_millis()),
+                    placement: None,
+                }
+            }
+        }
+    }
+
+    /// `await`: the pending call's end, waiting at most `d`.
+    fn await_pending(&mut self, d: Duration) -> Reply {
+        let Some(p) = self.pending.take() else {
+            return reply(Ok(
+                "nothing to wait for: the may_block call had already returned (its outcome is that step's)".into(),
+            ));
+        };
+        let t = Instant::now();
+        match p.rx.recv_timeout(d) {
+            Ok(mut rep) => {
+                let _ = p.thread.join();
+                rep.detail =
+                    format!("{} returned {} ms after the await began: {}", p.what, t.elapsed().as_millis(), rep.detail);
+                rep
+            }
+            Err(_) => {
+                let detail = format!("{} still sleeps after {} s more", p.what, d.as_secs());
+                self.pending = Some(p);
+                Reply { outcome: StepOutcome::Blocked, detail, placement: None }
+            }
         }
     }
 
@@ -359,7 +490,7 @@ impl<'a> Scene<'a> {
         for role in roles {
             let why = match self.ask(role, &Action::Exit) {
                 Ok(rep) if rep.outcome.is_ok() => continue,
-                Ok(Reply { outcome: StepOutcome::Errno(name), detail }) => format!("{detail} ({name})"),
+                Ok(Reply { outcome: StepOutcome::Errno(name), detail, .. }) => format!("{detail} ({name})"),
                 Ok(rep) => rep.detail,
                 Err(e) => e.to_string(),
             };
@@ -371,6 +502,21 @@ impl<'a> Scene<'a> {
         }
         if let Err(e) = self.me.release_all() {
             problems.push(format!("runner release: {e}"));
+        }
+        // Every pin is gone now: a call that slept on one must return.
+        if self.pending.is_some() {
+            let rep = self.await_pending(Duration::from_secs(10));
+            if rep.outcome == StepOutcome::Blocked {
+                problems.push(format!("a may_block call never returned: {}", rep.detail));
+            }
+        }
+        for (name, old) in self.sysctls.drain(..).rev() {
+            if let Err(e) = pinlab_demos::oracle::sysctl(&name, &old) {
+                problems.push(format!("restore {name}={old}: {e}"));
+            }
+        }
+        for p in self.created.drain(..) {
+            let _ = std::fs::remove_file(&p);
         }
         for (pid, text) in all_file_pins() {
             if parse_file_pins(&text).map(|f| !f.is_empty()).unwrap_or(true) {
@@ -473,6 +619,7 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
                 outcome: StepOutcome::NotRun,
                 detail: String::new(),
                 ms: 0.0,
+                placement: None,
             });
             continue;
         }
@@ -487,7 +634,8 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
             detail: rec.detail.clone(),
         }
         .emit();
-        if !rec.outcome.is_ok() && !st.probe {
+        let still_sleeping = st.may_block && rec.outcome == StepOutcome::Blocked;
+        if !rec.outcome.is_ok() && !st.probe && !still_sleeping {
             stopped = Some(String::new());
         }
         steps.push(rec);

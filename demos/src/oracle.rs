@@ -1,0 +1,310 @@
+//! Where the NIC's bytes landed, and the files the hazard scenarios need.
+//!
+//! [`locate`] reads the whole fsdax namespace raw (`O_DIRECT` on the pmem
+//! block device: no page cache between it and the media) and finds every
+//! 4 KiB block that carries the client's pattern, then asks the filesystem
+//! which file owns each block (FIEMAP of every file on the mount). The
+//! answer is data: blocks per owning file, `free` for blocks no file owns.
+
+use crate::region::Region;
+use crate::StepError;
+use pinlab_scenarios::plan::pattern_byte;
+use pinlab_scenarios::results::Placement;
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// A filesystem block, as the oracle counts them.
+pub const BLOCK: usize = 4096;
+/// The file `fill` creates.
+pub const FILLER: &str = "filler.dat";
+
+fn io(e: std::io::Error, what: String) -> StepError {
+    StepError::io(&e, what)
+}
+
+/// The pattern's 4 KiB block at region offset `k * BLOCK`.
+fn pattern_block(k: usize) -> Vec<u8> {
+    (0..BLOCK).map(|i| pattern_byte((k * BLOCK + i) as u64)).collect()
+}
+
+/// One extent of a file on the device: `[start, end)` in bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Device offset of the first byte.
+    pub start: u64,
+    /// Device offset after the last byte.
+    pub end: u64,
+}
+
+/// `FS_IOC_FIEMAP`: `_IOWR('f', 11, struct fiemap)`.
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+/// `struct fiemap` is 32 bytes, each `struct fiemap_extent` 56.
+const FIEMAP_HDR: usize = 32;
+const FIEMAP_EXT: usize = 56;
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+const FIEMAP_FLAG_SYNC: u32 = 0x1;
+
+/// The device extents of `path` (FIEMAP, synced first).
+pub fn extents(path: &Path) -> Result<Vec<Extent>, StepError> {
+    let f = File::open(path).map_err(|e| io(e, format!("open({})", path.display())))?;
+    let mut out = Vec::new();
+    let mut start = 0u64;
+    const BATCH: usize = 256;
+    loop {
+        // u64 words keep the buffer 8-byte aligned, as struct fiemap needs.
+        let mut buf = vec![0u64; (FIEMAP_HDR + BATCH * FIEMAP_EXT) / 8];
+        {
+            let b: &mut [u8] = bytemuck_u8(&mut buf);
+            b[0..8].copy_from_slice(&start.to_ne_bytes()); // fm_start
+            b[8..16].copy_from_slice(&(u64::MAX - start).to_ne_bytes()); // fm_length
+            b[16..20].copy_from_slice(&FIEMAP_FLAG_SYNC.to_ne_bytes()); // fm_flags
+            b[24..28].copy_from_slice(&(BATCH as u32).to_ne_bytes()); // fm_extent_count
+        }
+        // SAFETY: `buf` is a struct fiemap header followed by room for
+        // fm_extent_count (BATCH) extents, 8-byte aligned, and lives across
+        // the call; the kernel writes at most that many extents.
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), FS_IOC_FIEMAP as _, buf.as_mut_ptr()) };
+        if rc < 0 {
+            return Err(StepError::last_os(format!("ioctl({}, FS_IOC_FIEMAP)", path.display())));
+        }
+        let b: &[u8] = bytemuck_u8(&mut buf);
+        let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap_or_default());
+        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        let mapped = u32_at(20) as usize;
+        if mapped == 0 {
+            break;
+        }
+        let mut last = false;
+        for i in 0..mapped.min(BATCH) {
+            let e = FIEMAP_HDR + i * FIEMAP_EXT;
+            let (logical, physical, length, flags) = (u64_at(e), u64_at(e + 8), u64_at(e + 16), u32_at(e + 40));
+            out.push(Extent { start: physical, end: physical + length });
+            start = logical + length;
+            last |= flags & FIEMAP_EXTENT_LAST != 0;
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// View a `u64` buffer as bytes.
+fn bytemuck_u8(v: &mut [u64]) -> &mut [u8] {
+    let len = std::mem::size_of_val(v);
+    // SAFETY: u8 has no alignment or validity requirements, the length is
+    // the same bytes, and the borrow of `v` is carried by the result.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) }
+}
+
+/// Every regular file under `dir`, recursively.
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        match e.file_type() {
+            Ok(t) if t.is_dir() => files_under(&e.path(), out),
+            Ok(t) if t.is_file() => out.push(e.path()),
+            _ => {}
+        }
+    }
+}
+
+/// Find the client's pattern for a region of `len` bytes on `device` and say
+/// which file under `mount` owns each block carrying it.
+pub fn locate(device: &str, mount: &Path, len: usize) -> Result<(String, Placement), StepError> {
+    let blocks = len.div_ceil(BLOCK);
+    // The first 16 bytes of a pattern block tell it from the other 127 (the
+    // pattern repeats every 128 pages); the whole block is compared on a hit.
+    let mut by_head: HashMap<[u8; 16], usize> = HashMap::new();
+    for k in 0..blocks {
+        let b = pattern_block(k);
+        let head: [u8; 16] = b[..16].try_into().unwrap_or_default();
+        by_head.insert(head, k);
+    }
+    let mut dev = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)
+        .map_err(|e| io(e, format!("open({device}, O_DIRECT)")))?;
+    // O_DIRECT needs an aligned buffer: a page-aligned anonymous mapping.
+    const CHUNK: usize = 1 << 20;
+    let mut buf = Region::anon(CHUNK)?;
+    let mut found: Vec<u64> = Vec::new();
+    let mut off = 0u64;
+    loop {
+        let n = dev.read(buf.as_mut_slice()).map_err(|e| io(e, format!("read({device}) at {off}")))?;
+        if n == 0 {
+            break;
+        }
+        let data = &buf.as_slice()[..n];
+        for (i, blk) in data.chunks_exact(BLOCK).enumerate() {
+            let head: [u8; 16] = blk[..16].try_into().unwrap_or_default();
+            if let Some(&k) = by_head.get(&head) {
+                if blk == pattern_block(k).as_slice() {
+                    found.push(off + (i * BLOCK) as u64);
+                }
+            }
+        }
+        off += n as u64;
+    }
+    let mut owners: Vec<(String, Vec<Extent>)> = Vec::new();
+    let mut files = Vec::new();
+    files_under(mount, &mut files);
+    files.sort();
+    for f in files {
+        let name = f.strip_prefix(mount).unwrap_or(&f).display().to_string();
+        owners.push((name, extents(&f)?));
+    }
+    let mut placement = Placement::new();
+    for at in &found {
+        let owner = owners
+            .iter()
+            .find(|(_, ex)| ex.iter().any(|e| e.start <= *at && *at < e.end))
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| "free".to_string());
+        *placement.entry(owner).or_default() += 1;
+    }
+    let detail = format!(
+        "read {device} raw ({} MiB, O_DIRECT): {} blocks carry the client's pattern (a {} KiB region is {blocks} \
+         blocks); owners: {}",
+        off >> 20,
+        found.len(),
+        len / 1024,
+        pinlab_scenarios::results::placement_text(&placement)
+    );
+    Ok((detail, placement))
+}
+
+/// `fill`: fallocate every free block into `FILLER` (one call per free
+/// extent the filesystem reports, until ENOSPC).
+pub fn fill(mount: &Path) -> Result<String, StepError> {
+    let p = mount.join(FILLER);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&p)
+        .map_err(|e| io(e, format!("open({})", p.display())))?;
+    let mut total = 0i64;
+    let mut step: i64 = 64 << 20;
+    while step >= BLOCK as i64 {
+        match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), total, step) {
+            Ok(()) => total += step,
+            Err(nix::errno::Errno::ENOSPC) => step /= 2,
+            Err(e) => return Err(StepError::sys(e, format!("fallocate({}, {total}, {step})", p.display()))),
+        }
+    }
+    f.sync_all().map_err(|e| io(e, format!("fsync({})", p.display())))?;
+    let st =
+        nix::sys::statvfs::statvfs(mount).map_err(|e| StepError::sys(e, format!("statvfs({})", mount.display())))?;
+    Ok(format!(
+        "{} holds {} MiB; {} blocks of {} bytes left free",
+        p.display(),
+        total >> 20,
+        st.blocks_available(),
+        st.fragment_size()
+    ))
+}
+
+/// `create_file`: `name` with `size` bytes of `byte`, written and fsynced.
+pub fn create_file(mount: &Path, name: &str, size: usize, byte: u8) -> Result<String, StepError> {
+    let p = mount.join(name);
+    // Blocks freed by a truncate become allocatable once its transaction
+    // commits (ext4 keeps freed data blocks busy until then).
+    nix::unistd::sync();
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&p)
+        .map_err(|e| io(e, format!("open({})", p.display())))?;
+    let written = f.write_all(&vec![byte; size]).and_then(|()| f.sync_all());
+    if let Err(e) = written {
+        // No half-made file: a later check of it says it does not exist.
+        drop(f);
+        let _ = std::fs::remove_file(&p);
+        return Err(io(e, format!("write({}, {size} bytes) and fsync", p.display())));
+    }
+    let ex = extents(&p)?;
+    let shown: Vec<String> =
+        ex.iter().map(|e| format!("{}..{}", e.start / BLOCK as u64, e.end / BLOCK as u64)).collect();
+    Ok(format!("{} = {size} bytes of {byte:#04x}; blocks {}", p.display(), shown.join(", ")))
+}
+
+/// `check_file`: every byte of `name` is still `byte`.
+pub fn check_file(mount: &Path, name: &str, byte: u8) -> Result<String, StepError> {
+    let p = mount.join(name);
+    let f = File::open(&p).map_err(|e| io(e, format!("open({})", p.display())))?;
+    let len = f.metadata().map_err(|e| io(e, format!("stat({})", p.display())))?.len() as usize;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, 0).map_err(|e| io(e, format!("read({}, {len})", p.display())))?;
+    let other: Vec<usize> = buf.iter().enumerate().filter(|(_, b)| **b != byte).map(|(i, _)| i).collect();
+    let Some(&first) = other.first() else {
+        return Ok(format!("read() of {}: all {len} bytes are still {byte:#04x}", p.display()));
+    };
+    // Is it the client's pattern? Compare block by block with any region offset.
+    let pattern_blocks = buf
+        .chunks_exact(BLOCK)
+        .filter(|b| {
+            let head = b[0];
+            (0..128).any(|k| pattern_byte((k * BLOCK) as u64) == head && *b == pattern_block(k).as_slice())
+        })
+        .count();
+    Err(StepError::mismatch(format!(
+        "read() of {}: {} of {len} bytes are no longer {byte:#04x} (first at offset {first}: {:#04x}); \
+         {pattern_blocks} of its {} blocks hold the RDMA client's pattern",
+        p.display(),
+        other.len(),
+        buf[first],
+        len / BLOCK
+    )))
+}
+
+/// `sysctl`: write `value` to /proc/sys/NAME; returns the old value.
+pub fn sysctl(name: &str, value: &str) -> Result<(String, String), StepError> {
+    let p = Path::new("/proc/sys").join(name.replace('.', "/"));
+    let old = std::fs::read_to_string(&p).map_err(|e| io(e, format!("read {}", p.display())))?;
+    std::fs::write(&p, value).map_err(|e| io(e, format!("write {value} to {}", p.display())))?;
+    Ok((old.trim().to_string(), format!("{} = {value} (was {})", p.display(), old.trim())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_blocks_are_told_apart_by_their_head() {
+        // The pattern repeats every 128 pages; within that, heads differ.
+        let heads: std::collections::HashSet<Vec<u8>> = (0..128).map(|k| pattern_block(k)[..16].to_vec()).collect();
+        assert_eq!(heads.len(), 128, "two pattern blocks share their first 16 bytes");
+        assert_eq!(pattern_block(3), pattern_block(131));
+    }
+
+    #[test]
+    fn fiemap_of_a_real_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, vec![1u8; 3 * BLOCK]).unwrap();
+        // tmpfs has no FIEMAP; any other filesystem reports the file's bytes.
+        match extents(&p) {
+            Ok(ex) => assert!(ex.iter().map(|e| e.end - e.start).sum::<u64>() >= 3 * BLOCK as u64, "{ex:?}"),
+            Err(e) => assert_eq!(e.failure.errno(), Some(libc::EOPNOTSUPP), "{e}"),
+        }
+    }
+
+    #[test]
+    fn check_file_names_the_pattern() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("v"), vec![0x5a; 2 * BLOCK]).unwrap();
+        assert!(check_file(d.path(), "v", 0x5a).is_ok());
+        let mut data = vec![0x5a; BLOCK];
+        data.extend(pattern_block(7));
+        std::fs::write(d.path().join("v"), data).unwrap();
+        let e = check_file(d.path(), "v", 0x5a).unwrap_err();
+        assert!(e.message.contains("1 of its 2 blocks hold the RDMA client's pattern"), "{}", e.message);
+    }
+}

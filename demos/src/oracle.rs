@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// A filesystem block, as the oracle counts them.
@@ -179,42 +179,56 @@ pub fn locate(device: &str, mount: &Path, len: usize) -> Result<(String, Placeme
     Ok((detail, placement))
 }
 
-/// `fill`: fallocate every free block into `FILLER` (one call per free
-/// extent the filesystem reports, until ENOSPC).
+/// `fill`: fallocate every free block into `FILLER`. Several passes, each
+/// after a sync: blocks freed by earlier scenarios are busy until the
+/// journal commits (xfs busy extents, ext4's freed-data list), and closing
+/// the file drops its preallocation (ext4), which frees blocks again.
 pub fn fill(mount: &Path) -> Result<String, StepError> {
     let p = mount.join(FILLER);
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(&p)
-        .map_err(|e| io(e, format!("open({})", p.display())))?;
     let mut total = 0i64;
-    let mut step: i64 = 64 << 20;
-    while step >= BLOCK as i64 {
-        match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), total, step) {
-            Ok(()) => total += step,
-            Err(nix::errno::Errno::ENOSPC) => step /= 2,
-            Err(e) => return Err(StepError::sys(e, format!("fallocate({}, {total}, {step})", p.display()))),
+    for pass in 0..6 {
+        nix::unistd::sync();
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(pass == 0)
+            .write(true)
+            .open(&p)
+            .map_err(|e| io(e, format!("open({})", p.display())))?;
+        let before = total;
+        let mut step: i64 = 64 << 20;
+        while step >= BLOCK as i64 {
+            match nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), total, step) {
+                Ok(()) => total += step,
+                Err(nix::errno::Errno::ENOSPC) => step /= 2,
+                Err(e) => return Err(StepError::sys(e, format!("fallocate({}, {total}, {step})", p.display()))),
+            }
+        }
+        f.sync_all().map_err(|e| io(e, format!("fsync({})", p.display())))?;
+        drop(f);
+        if total == before && pass > 0 {
+            break;
         }
     }
-    f.sync_all().map_err(|e| io(e, format!("fsync({})", p.display())))?;
+    nix::unistd::sync();
     let st =
         nix::sys::statvfs::statvfs(mount).map_err(|e| StepError::sys(e, format!("statvfs({})", mount.display())))?;
     Ok(format!(
-        "{} holds {} MiB; {} blocks of {} bytes left free",
+        "{} holds {} MiB; {} blocks of {} bytes left free ({} for root)",
         p.display(),
         total >> 20,
         st.blocks_available(),
-        st.fragment_size()
+        st.fragment_size(),
+        st.blocks_free()
     ))
 }
 
-/// `create_file`: `name` with `size` bytes of `byte`, written and fsynced.
-pub fn create_file(mount: &Path, name: &str, size: usize, byte: u8) -> Result<String, StepError> {
+/// `create_file`: `name` with `size` bytes of `byte` (or, with `None`, as
+/// many as fit: every block the filesystem will still give), written and
+/// fsynced. A file that could not be written is removed.
+pub fn create_file(mount: &Path, name: &str, size: Option<usize>, byte: u8) -> Result<String, StepError> {
     let p = mount.join(name);
     // Blocks freed by a truncate become allocatable once its transaction
-    // commits (ext4 keeps freed data blocks busy until then).
+    // commits (ext4 keeps freed data blocks busy until then, xfs too).
     nix::unistd::sync();
     let mut f = OpenOptions::new()
         .create(true)
@@ -222,45 +236,85 @@ pub fn create_file(mount: &Path, name: &str, size: usize, byte: u8) -> Result<St
         .write(true)
         .open(&p)
         .map_err(|e| io(e, format!("open({})", p.display())))?;
-    let written = f.write_all(&vec![byte; size]).and_then(|()| f.sync_all());
-    if let Err(e) = written {
-        // No half-made file: a later check of it says it does not exist.
+    let fail = |f: File, e: std::io::Error, what: String| {
         drop(f);
         let _ = std::fs::remove_file(&p);
-        return Err(io(e, format!("write({}, {size} bytes) and fsync", p.display())));
+        Err(io(e, what))
+    };
+    let mut written = 0usize;
+    match size {
+        Some(n) => {
+            if let Err(e) = f.write_all(&vec![byte; n]) {
+                return fail(f, e, format!("write({}, {n} bytes)", p.display()));
+            }
+            written = n;
+        }
+        None => {
+            let chunk = vec![byte; 1 << 20];
+            let mut piece = chunk.len();
+            while piece >= BLOCK {
+                match f.write(&chunk[..piece]) {
+                    Ok(0) => break,
+                    Ok(n) => written += n,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => piece /= 2,
+                    Err(e) => return fail(f, e, format!("write({}) at {written}", p.display())),
+                }
+            }
+            if written == 0 {
+                return fail(f, std::io::Error::from_raw_os_error(libc::ENOSPC), format!("write({})", p.display()));
+            }
+        }
     }
+    if let Err(e) = f.sync_all() {
+        return fail(f, e, format!("fsync({})", p.display()));
+    }
+    drop(f);
     let ex = extents(&p)?;
     let shown: Vec<String> =
         ex.iter().map(|e| format!("{}..{}", e.start / BLOCK as u64, e.end / BLOCK as u64)).collect();
-    Ok(format!("{} = {size} bytes of {byte:#04x}; blocks {}", p.display(), shown.join(", ")))
+    Ok(format!("{} = {written} bytes of {byte:#04x}; blocks {}", p.display(), shown.join(", ")))
 }
 
-/// `check_file`: every byte of `name` is still `byte`.
+/// `check_file`: every byte of `name` is still `byte` (read in chunks: the
+/// victim may be as large as the filesystem).
 pub fn check_file(mount: &Path, name: &str, byte: u8) -> Result<String, StepError> {
     let p = mount.join(name);
-    let f = File::open(&p).map_err(|e| io(e, format!("open({})", p.display())))?;
-    let len = f.metadata().map_err(|e| io(e, format!("stat({})", p.display())))?.len() as usize;
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, 0).map_err(|e| io(e, format!("read({}, {len})", p.display())))?;
-    let other: Vec<usize> = buf.iter().enumerate().filter(|(_, b)| **b != byte).map(|(i, _)| i).collect();
-    let Some(&first) = other.first() else {
+    let mut f = File::open(&p).map_err(|e| io(e, format!("open({})", p.display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut len, mut other, mut first, mut pattern_blocks) = (0usize, 0usize, None, 0usize);
+    loop {
+        let n = f.read(&mut buf).map_err(|e| io(e, format!("read({}) at {len}", p.display())))?;
+        if n == 0 {
+            break;
+        }
+        for (i, blk) in buf[..n].chunks(BLOCK).enumerate() {
+            if blk.iter().all(|b| *b == byte) {
+                continue;
+            }
+            let off = len + i * BLOCK;
+            let bad = blk.iter().filter(|b| **b != byte).count();
+            other += bad;
+            if first.is_none() {
+                let j = blk.iter().position(|b| *b != byte).unwrap_or(0);
+                first = Some((off + j, blk[j]));
+            }
+            let head = blk[0];
+            if blk.len() == BLOCK
+                && (0..128).any(|k| pattern_byte((k * BLOCK) as u64) == head && blk == pattern_block(k).as_slice())
+            {
+                pattern_blocks += 1;
+            }
+        }
+        len += n;
+    }
+    let Some((at, got)) = first else {
         return Ok(format!("read() of {}: all {len} bytes are still {byte:#04x}", p.display()));
     };
-    // Is it the client's pattern? Compare block by block with any region offset.
-    let pattern_blocks = buf
-        .chunks_exact(BLOCK)
-        .filter(|b| {
-            let head = b[0];
-            (0..128).any(|k| pattern_byte((k * BLOCK) as u64) == head && *b == pattern_block(k).as_slice())
-        })
-        .count();
     Err(StepError::mismatch(format!(
-        "read() of {}: {} of {len} bytes are no longer {byte:#04x} (first at offset {first}: {:#04x}); \
+        "read() of {}: {other} of {len} bytes are no longer {byte:#04x} (first at offset {at}: {got:#04x}); \
          {pattern_blocks} of its {} blocks hold the RDMA client's pattern",
         p.display(),
-        other.len(),
-        buf[first],
-        len / BLOCK
+        len.div_ceil(BLOCK)
     )))
 }
 

@@ -181,8 +181,8 @@ impl Worker {
             Action::CloseUverbs => self.close_uverbs(),
             Action::VerifyFile { len } => self.verify_file(len.0),
             Action::Fill => crate::oracle::fill(Path::new(PMEM_MNT)),
-            Action::CreateFile { name, size, byte } => {
-                crate::oracle::create_file(Path::new(PMEM_MNT), name, size.0 as usize, *byte)
+            Action::CreateFile { name, size, all, byte } => {
+                crate::oracle::create_file(Path::new(PMEM_MNT), name, (!*all).then_some(size.0 as usize), *byte)
             }
             Action::CheckFile { name, byte } => crate::oracle::check_file(Path::new(PMEM_MNT), name, *byte),
             Action::Fork

@@ -308,14 +308,19 @@ pub enum Action {
     /// next allocation must take blocks that are freed later. Removed after
     /// the scenario.
     Fill,
-    /// Create `NAME` of `size` bytes with `write()`, every byte `byte`, and
-    /// fsync it. Removed after the scenario.
+    /// Create `NAME` with `write()`, every byte `byte`, and fsync it:
+    /// `size` bytes, or with `all: true` as many as the filesystem takes
+    /// (every free block; `ENOSPC` only if not one could be written).
+    /// Removed after the scenario.
     CreateFile {
         /// File name on the mount, e.g. `victim.dat`.
         name: String,
         /// Its size.
         #[serde(default)]
         size: Size,
+        /// Write until the filesystem is full instead.
+        #[serde(default)]
+        all: bool,
         /// Its contents.
         byte: u8,
     },

@@ -172,6 +172,9 @@ pub struct StepCheck {
     pub pass: bool,
     /// Wall time.
     pub ms: f64,
+    /// The spec marks this step as the scenario's headline.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headline: bool,
     /// For a `locate` step: where the spec says the pattern's blocks must be.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_placement: Option<Placement>,
@@ -237,6 +240,9 @@ impl CellResult {
 
     /// The expected counterpart of [`CellResult::verdict`].
     pub fn expected_verdict(&self) -> StepOutcome {
+        if let Some(h) = self.steps.iter().find(|s| s.headline && s.expected.ran()) {
+            return h.expected.clone();
+        }
         self.steps.iter().map(|s| &s.expected).find(|e| e.ran() && !e.is_ok()).cloned().unwrap_or(StepOutcome::Ok)
     }
 
@@ -245,6 +251,9 @@ impl CellResult {
     pub fn verdict(&self) -> StepOutcome {
         if self.not_run.is_some() {
             return StepOutcome::NotRun;
+        }
+        if let Some(h) = self.steps.iter().find(|s| s.headline && s.expected.ran()) {
+            return h.actual.clone();
         }
         self.steps.iter().map(|s| &s.actual).find(|a| a.ran() && !a.is_ok()).cloned().unwrap_or(StepOutcome::Ok)
     }
@@ -276,6 +285,7 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
             ms,
             expected_placement,
             placement,
+            headline: step.headline,
         });
     }
     CellResult {

@@ -188,6 +188,10 @@ pub struct Step {
     /// The call may sleep in the kernel (see [`PlannedStep::may_block`]).
     #[serde(default)]
     pub may_block: bool,
+    /// This step's outcome is what the matrix shows for the scenario
+    /// (where it ran); without one, the first failing step is shown.
+    #[serde(default)]
+    pub headline: bool,
     /// Expected outcome (with its place in the file, for error messages).
     pub expect: Spanned<Expect>,
     /// For a `locate` step: where the pattern's blocks must be, per flavor

@@ -160,7 +160,7 @@ pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
     );
     let mut boots = Vec::new();
     for &fs in &fss {
-        boots.push(boot_bench(&lab.virtiofsd, k, rootfs, &dir, fs, accel, &plan_b)?);
+        boots.push(boot_bench(&lab.qemu, &lab.virtiofsd, k, rootfs, &dir, fs, accel, &plan_b)?);
     }
     let b = Bench { id, machine, flavor, plan: plan_b, boots };
     fs_err::write(dir.join("bench.json"), serde_json::to_vec_pretty(&b)?)?;
@@ -175,7 +175,9 @@ pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
     Ok(measured)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn boot_bench(
+    qemu: &crate::qemu::QemuBin,
     virtiofsd: &std::path::Path,
     k: &kernel::Kernel,
     rootfs: &std::path::Path,
@@ -203,7 +205,7 @@ fn boot_bench(
     // One figure is several registrations of 256 MiB or bandwidth runs under TCG.
     deadlines.stall += Duration::from_secs(20 * u64::from(bp.reps) * if accel == Accel::Tcg { 3 } else { 1 });
     let out = vm::boot(BootSpec {
-        qemu: std::path::Path::new(crate::qemu::PROGRAM),
+        qemu,
         kernel: &k.bzimage,
         virtiofsd,
         rootfs,

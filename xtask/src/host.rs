@@ -389,6 +389,109 @@ pub fn virtiofsd_works(bin: &Path) -> Result<(), String> {
     }
 }
 
+/// The virtiofsd release pinlab builds (tested with [`QEMU_SUITE`]'s QEMU).
+pub const VIRTIOFSD_VERSION: &str = "1.14.0";
+
+/// Where pinlab's QEMU comes from: Debian 12's qemu-system-x86 (7.2).
+///
+/// QEMU 10.0 (Debian 13, and bookworm-backports) breaks every guest under
+/// TCG here: the rootfs is served over vhost-user virtiofs, and programs read
+/// from it crash at once (busybox and pinlab-runner segfault in ld.so with
+/// garbage instruction bytes), with virtiofsd 1.13.2 and 1.14.0 alike, with
+/// `-cpu max` or `qemu64`, `thread=single` or `multi`, `pc` or `q35`, memfd
+/// or /dev/shm guest RAM; QEMU 7.2 runs the same kernel, rootfs and
+/// virtiofsd cleanly (measured 2026-12-01). So pinlab runs its own QEMU 7.2,
+/// extracted from the Debian packages into the cache, whatever the host has.
+pub const QEMU_SUITE: &str = "bookworm";
+
+/// The Debian packages pinlab's QEMU is extracted from.
+const QEMU_PACKAGES: [&str; 3] = ["qemu-system-x86", "qemu-system-common", "qemu-system-data"];
+
+/// pinlab's QEMU: Debian 12's, extracted into `cache/tools/qemu-<version>`
+/// once (downloaded with the host's apt, nothing installed). Its firmware
+/// comes from its own data package and the host's seabios.
+pub fn ensure_qemu(cache: &Cache) -> Result<crate::qemu::QemuBin> {
+    let tools = cache.dir("tools")?;
+    let found = |dir: &Path| -> Option<crate::qemu::QemuBin> {
+        let b = crate::qemu::QemuBin::extracted(dir);
+        qemu_works(&b).ok().map(|_| b)
+    };
+    let mut existing: Vec<PathBuf> = fs_err::read_dir(&tools)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.join(".pinlab-complete").exists()).collect())
+        .unwrap_or_default();
+    existing.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-")));
+    existing.sort();
+    if let Some(b) = existing.iter().rev().find_map(|d| found(d)) {
+        return Ok(b);
+    }
+    let _lock = util::FileLock::exclusive(&cache.dir("locks")?.join("qemu.lock"))?;
+    let t = std::time::Instant::now();
+    let tmp = tempfile::Builder::new().prefix("pinlab-qemu-").tempdir_in(&tools)?;
+    let mut dl = Command::new("apt-get");
+    dl.current_dir(tmp.path()).args(["download", "-q"]);
+    for p in QEMU_PACKAGES {
+        dl.arg(format!("{p}/{QEMU_SUITE}"));
+    }
+    util::output(dl).with_context(|| {
+        format!(
+            "pinlab runs QEMU 7.2 from Debian 12 ({QEMU_SUITE}), because QEMU 10's TCG crashes every guest that \
+             runs programs from virtiofs; apt-get could not download it. Add Debian {QEMU_SUITE} to the apt \
+             sources (deb http://deb.debian.org/debian {QEMU_SUITE} main) and run `apt-get update`"
+        )
+    })?;
+    let debs: Vec<PathBuf> = fs_err::read_dir(tmp.path())?.flatten().map(|e| e.path()).collect();
+    let main = debs
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-system-x86_")))
+        .context("apt-get download gave no qemu-system-x86 .deb")?;
+    let mut v = Command::new("dpkg-deb");
+    v.args(["-f"]).arg(main).arg("Version");
+    let version = util::output(v)?.trim().replace([':', '+', '~'], "_");
+    let dest = tools.join(format!("qemu-{version}"));
+    let staging = util::staging_path(&dest);
+    let _ = fs_err::remove_dir_all(&staging);
+    fs_err::create_dir_all(&staging)?;
+    for d in &debs {
+        let mut x = Command::new("dpkg-deb");
+        x.arg("-x").arg(d).arg(&staging);
+        util::output(x).with_context(|| format!("Failed to unpack {}", d.display()))?;
+    }
+    let b = crate::qemu::QemuBin::extracted(&staging);
+    let shown = qemu_works(&b).map_err(|e| {
+        anyhow::anyhow!("QEMU from {QEMU_SUITE} does not run here: {e} (its libraries come from the host's packages)")
+    })?;
+    fs_err::write(staging.join(".pinlab-complete"), &shown)?;
+    util::publish_dir(&staging, &dest)?;
+    eprintln!("pinlab: {shown} extracted into {} in {}", dest.display(), util::since(t));
+    Ok(crate::qemu::QemuBin::extracted(&dest))
+}
+
+/// `qemu --version` (its first line), or why it does not run (e.g. a
+/// library the host lacks: `ldd` names it).
+pub fn qemu_works(b: &crate::qemu::QemuBin) -> Result<String, String> {
+    let out = Command::new(&b.program).arg("--version").stdin(Stdio::null()).output();
+    match out {
+        Ok(o) if o.status.success() => {
+            Ok(String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("QEMU").trim().to_string())
+        }
+        Ok(o) => {
+            let ldd = Command::new("ldd").arg(&b.program).output().map(|l| l.stdout).unwrap_or_default();
+            let missing: Vec<String> = String::from_utf8_lossy(&ldd)
+                .lines()
+                .filter(|l| l.contains("not found"))
+                .map(|l| l.trim().to_string())
+                .collect();
+            Err(format!(
+                "`{} --version` failed ({}){}",
+                b.program.display(),
+                o.status,
+                if missing.is_empty() { String::new() } else { format!("; missing libraries: {}", missing.join(", ")) }
+            ))
+        }
+        Err(e) => Err(format!("`{} --version` could not run: {e}", b.program.display())),
+    }
+}
+
 /// A usable virtiofsd, installed with `cargo install virtiofsd --locked` into
 /// the cache when there is none that works (about 1.5 minutes, once): built
 /// into a staging root under a lock and moved into place when complete.
@@ -414,7 +517,7 @@ pub fn ensure_virtiofsd(cache: &Cache, no_install: bool) -> Result<PathBuf> {
     eprintln!("pinlab: building virtiofsd once into {} (about 1.5 minutes on 2 cores)", root.display());
     let staging = util::staging_path(&root.join("virtiofsd-root"));
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.args(["install", "virtiofsd", "--locked", "--quiet", "--root"]).arg(&staging);
+    c.args(["install", "virtiofsd", "--version", VIRTIOFSD_VERSION, "--locked", "--quiet", "--root"]).arg(&staging);
     let log = cache.dir("tools")?.join("virtiofsd-build.log");
     let _ = fs_err::remove_file(&log);
     util::run_logged(c, &log, |_| {}).context("Failed to build virtiofsd (needs libseccomp-dev and libcap-ng-dev)")?;

@@ -46,6 +46,8 @@ pub struct Lab {
     pub rootfs: PathBuf,
     /// The virtiofsd binary.
     pub virtiofsd: PathBuf,
+    /// pinlab's QEMU.
+    pub qemu: crate::qemu::QemuBin,
     /// The accelerator.
     pub accel: Accel,
     /// What the kernels and rootfs were made from.
@@ -133,11 +135,12 @@ pub fn prepare(cache: &Cache, opts: &LabOpts) -> Result<Lab> {
 
     let side_failed = AtomicBool::new(false);
     let (built, side) = std::thread::scope(|sc| {
-        let side = sc.spawn(|| -> Result<(PathBuf, PathBuf)> {
+        let side = sc.spawn(|| -> Result<(PathBuf, crate::qemu::QemuBin, PathBuf)> {
             let r = (|| {
                 let virtiofsd = timings.time("virtiofsd", || host::ensure_virtiofsd(cache, opts.no_install))?;
+                let qemu = timings.time("QEMU 7.2 (Debian 12)", || host::ensure_qemu(cache))?;
                 let rootfs = timings.time("rootfs + demos", || crate::image::build(cache, &sources))?;
-                Ok((virtiofsd, rootfs))
+                Ok((virtiofsd, qemu, rootfs))
             })();
             if let Err(e) = &r {
                 // Say it now, not after the kernels: nothing can boot without these.
@@ -156,7 +159,7 @@ pub fn prepare(cache: &Cache, opts: &LabOpts) -> Result<Lab> {
         let side = side.join().unwrap_or_else(|_| Err(anyhow::anyhow!("the rootfs/virtiofsd thread panicked")));
         (built, side)
     });
-    let (virtiofsd, rootfs) = side?;
+    let (virtiofsd, qemu, rootfs) = side?;
     let mut kernels = Vec::new();
     let mut failed = Vec::new();
     for (f, r) in built {
@@ -177,7 +180,7 @@ pub fn prepare(cache: &Cache, opts: &LabOpts) -> Result<Lab> {
         provenance.kernel_source = format!("your tree {}", t.display());
         provenance.kernel_source_pinned = String::new();
     }
-    Ok(Lab { kernels, failed, rootfs, virtiofsd, accel, provenance, timings })
+    Ok(Lab { kernels, failed, rootfs, virtiofsd, qemu, accel, provenance, timings })
 }
 
 /// Fetch what the builds will need and do not have yet: the kernel source

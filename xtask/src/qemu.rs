@@ -234,10 +234,40 @@ pub fn args(spec: &QemuSpec) -> Vec<OsString> {
     a
 }
 
-/// The QEMU command for `spec`: `program` (normally [`PROGRAM`]; a script in
-/// tests) with [`args`].
-pub fn command(program: &Path, spec: &QemuSpec) -> std::process::Command {
-    let mut c = std::process::Command::new(program);
+/// A QEMU to run: the program and where its firmware is (`-L`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuBin {
+    /// `qemu-system-x86_64` (a script in tests).
+    pub program: PathBuf,
+    /// Firmware directories, searched in order.
+    pub datadirs: Vec<PathBuf>,
+}
+
+impl QemuBin {
+    /// The QEMU extracted from Debian packages into `root` (see
+    /// [`crate::host::ensure_qemu`]): its own data package first, then the
+    /// host's seabios and QEMU data (its symlinks point there).
+    pub fn extracted(root: &Path) -> QemuBin {
+        QemuBin {
+            program: root.join("usr/bin").join(PROGRAM),
+            datadirs: vec![root.join("usr/share/qemu"), "/usr/share/seabios".into(), "/usr/share/qemu".into()],
+        }
+    }
+
+    /// Just a program (tests' fake QEMU).
+    #[cfg(test)]
+    pub fn program(p: &Path) -> QemuBin {
+        QemuBin { program: p.to_path_buf(), datadirs: Vec::new() }
+    }
+}
+
+/// The QEMU command for `spec`: `bin`'s program with `-L` for its firmware,
+/// then [`args`].
+pub fn command(bin: &QemuBin, spec: &QemuSpec) -> std::process::Command {
+    let mut c = std::process::Command::new(&bin.program);
+    for d in &bin.datadirs {
+        c.arg("-L").arg(d);
+    }
     c.args(args(spec));
     c
 }

@@ -165,6 +165,7 @@ pub fn run(cache: &Cache, opts: RunOpts) -> Result<Verdict> {
                         specs: &specs,
                         rootfs: &lab.rootfs,
                         virtiofsd: &lab.virtiofsd,
+                        qemu: &lab.qemu,
                         selftests: &selftests,
                         run_dir: &run_dir,
                         accel,
@@ -250,7 +251,7 @@ pub fn shell(cache: &Cache, flavor: Flavor, fs: Fs, accel: Option<Accel>, locked
     fs_err::create_dir_all(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
     let selftests = k.selftests.iter().map(|p| p.display().to_string()).collect();
     let plan = Plan { flavor, fs, scenarios: Vec::new(), selftests, bench: None };
-    vm::shell(&lab.virtiofsd, &k.bzimage, &lab.rootfs, &dir, &plan, lab.accel)
+    vm::shell(&lab.qemu, &lab.virtiofsd, &k.bzimage, &lab.rootfs, &dir, &plan, lab.accel)
 }
 
 /// The cells and record of a boot that could not run at all, said on the terminal.
@@ -266,6 +267,7 @@ struct BootCtx<'a> {
     specs: &'a [Scenario],
     rootfs: &'a std::path::Path,
     virtiofsd: &'a std::path::Path,
+    qemu: &'a crate::qemu::QemuBin,
     /// The series' kselftests (from the patched kernel), run on every boot:
     /// they must pass on patched and skip cleanly on stock.
     selftests: &'a [std::path::PathBuf],
@@ -320,7 +322,7 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
         _ => {}
     };
     let boot = vm::boot(BootSpec {
-        qemu: std::path::Path::new(crate::qemu::PROGRAM),
+        qemu: ctx.qemu,
         kernel: &k.bzimage,
         virtiofsd: ctx.virtiofsd,
         rootfs: ctx.rootfs,

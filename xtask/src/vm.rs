@@ -59,8 +59,8 @@ impl Deadlines {
 
 /// What to boot.
 pub struct BootSpec<'a> {
-    /// The QEMU program ([`qemu::PROGRAM`]; a script in tests).
-    pub qemu: &'a Path,
+    /// The QEMU to run (a script in tests).
+    pub qemu: &'a qemu::QemuBin,
     /// Kernel image.
     pub kernel: &'a Path,
     /// The virtiofsd binary.
@@ -331,8 +331,8 @@ fn prepare(
 
 /// The one place QEMU is started: `program` with `spec`'s arguments, dying
 /// with us and registered for Ctrl-C cleanup.
-fn spawn_qemu(program: &Path, spec: &QemuSpec, stdout: Stdio, stderr: Stdio) -> Result<(Reaper, String)> {
-    let mut cmd = qemu::command(program, spec);
+fn spawn_qemu(bin: &qemu::QemuBin, spec: &QemuSpec, stdout: Stdio, stderr: Stdio) -> Result<(Reaper, String)> {
+    let mut cmd = qemu::command(bin, spec);
     if !spec.interactive {
         cmd.stdin(Stdio::null());
     }
@@ -346,12 +346,20 @@ fn spawn_qemu(program: &Path, spec: &QemuSpec, stdout: Stdio, stderr: Stdio) -> 
 /// mounted, rxe up), the demos are on PATH; `exit` powers the guest off.
 /// The console is also logged to `dir/console.log`; a kernel panic or oops
 /// there makes this fail (after QEMU exits) instead of returning success.
-pub fn shell(virtiofsd: &Path, kernel: &Path, rootfs: &Path, dir: &Path, plan: &Plan, accel: Accel) -> Result<()> {
+pub fn shell(
+    qemu_bin: &qemu::QemuBin,
+    virtiofsd: &Path,
+    kernel: &Path,
+    rootfs: &Path,
+    dir: &Path,
+    plan: &Plan,
+    accel: Accel,
+) -> Result<()> {
     let mut m = prepare(virtiofsd, kernel, rootfs, dir, plan, accel, SHELL_MODE)?;
     m.qspec.interactive = true;
     let console_path = dir.join("console.log");
     m.qspec.console_log = Some(console_path.clone());
-    let (mut q, shown) = spawn_qemu(Path::new(qemu::PROGRAM), &m.qspec, Stdio::inherit(), Stdio::inherit())?;
+    let (mut q, shown) = spawn_qemu(qemu_bin, &m.qspec, Stdio::inherit(), Stdio::inherit())?;
     eprintln!("$ {shown}");
     eprintln!("(type `exit` in the guest to power it off; console log: {})", console_path.display());
     let status = q.child().wait().with_context(|| format!("Failed to wait for `{shown}`"))?;
@@ -578,6 +586,7 @@ mod tests {
         };
         let mut seen = Vec::new();
         let mut on_event = |e: &BootEvent| seen.push(e.clone());
+        let qemu = qemu::QemuBin::program(&qemu);
         let out = boot(BootSpec {
             qemu: &qemu,
             kernel: Path::new("/nonexistent/bzImage"),

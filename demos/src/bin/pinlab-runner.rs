@@ -405,6 +405,17 @@ impl<'a> Scene<'a> {
     /// returned after BLOCK_CHECK_MS it is `blocked`, with where it sleeps,
     /// and a later `await` takes its end.
     fn detached(&mut self, st: &PlannedStep) -> Reply {
+        // Which blocks the call is about to change, for the record.
+        let blocks = pinlab_demos::oracle::extents(&self.ctx.file(0))
+            .map(|ex| {
+                let b = pinlab_demos::oracle::BLOCK as u64;
+                let shown: Vec<String> = ex.iter().map(|e| format!("{}..{}", e.start / b, e.end / b)).collect();
+                format!(
+                    " (the file's blocks before: {})",
+                    if shown.is_empty() { "none".into() } else { shown.join(", ") }
+                )
+            })
+            .unwrap_or_default();
         let (tx, rx) = std::sync::mpsc::channel::<Reply>();
         let (tid_tx, tid_rx) = std::sync::mpsc::channel::<i32>();
         let ctx = self.ctx.clone();
@@ -420,8 +431,9 @@ impl<'a> Scene<'a> {
         let tid = tid_rx.recv().unwrap_or(0);
         let check = Duration::from_millis(pinlab_scenarios::plan::BLOCK_CHECK_MS);
         match rx.recv_timeout(check) {
-            Ok(rep) => {
+            Ok(mut rep) => {
                 let _ = thread.join();
+                rep.detail.push_str(&blocks);
                 rep
             }
             Err(_) => {
@@ -430,7 +442,7 @@ impl<'a> Scene<'a> {
                 self.pending = Some(Pending { what: what.clone(), rx, thread });
                 Reply {
                     outcome: StepOutcome::Blocked,
-                    detail: format!("{what} has not returned after {} ms: {where_}", check.as_millis()),
+                    detail: format!("{what} has not returned after {} ms: {where_}{blocks}", check.as_millis()),
                     placement: None,
                 }
             }

@@ -549,6 +549,7 @@ pub fn doctor(cache: &Cache) -> Result<()> {
             missing.push(r.package);
         }
     }
+    // The host's QEMU (its libraries and firmware serve pinlab's own).
     if util::which("qemu-system-x86_64").is_some() {
         match qemu_devices() {
             Ok(devs) => {
@@ -558,6 +559,25 @@ pub fn doctor(cache: &Cache) -> Result<()> {
             }
             Err(e) => println!("MISSING qemu devices: {e:#}"),
         }
+    }
+    let pinlab_qemu = fs_err::read_dir(cache.root.join("tools"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join(".pinlab-complete").exists())
+                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-")))
+        })
+        .ok()
+        .flatten();
+    match pinlab_qemu.map(|d| crate::qemu::QemuBin::extracted(&d)) {
+        Some(b) => match qemu_works(&b) {
+            Ok(v) => println!("ok      pinlab's QEMU: {v}  [{}]", b.program.display()),
+            Err(e) => println!("BROKEN  pinlab's QEMU: {e} (the next run extracts it again)"),
+        },
+        None => println!(
+            "MISSING pinlab's QEMU  [`cargo xtask run` extracts {QEMU_SUITE}'s qemu-system-x86 7.2 into {}]",
+            cache.root.join("tools").display()
+        ),
     }
     match find_virtiofsd(cache) {
         Some(p) => println!("ok      virtiofsd  [{}]", p.display()),

@@ -369,3 +369,37 @@ pub fn markdown(r: &RunResults) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reports of a saved run (a real `cargo xtask run demo`, its
+    /// `results.json` in `xtask/tests/fixtures/`) must come out as saved.
+    /// `PINLAB_BLESS=1 cargo test -p xtask` rewrites the expected files
+    /// after a deliberate change to the rendering.
+    #[test]
+    fn reports_render_from_a_saved_results_json() {
+        let dir = crate::util::project_root().join("xtask/tests/fixtures");
+        let r = RunResults::load(&dir.join("results.json")).unwrap();
+        let bless = std::env::var_os("PINLAB_BLESS").is_some();
+        let mut files = files(&r);
+        files.push(("table.txt", table(&r).into_bytes()));
+        for (name, bytes) in files {
+            let p = dir.join(name);
+            if bless {
+                fs_err::write(&p, &bytes).unwrap();
+                continue;
+            }
+            let want = fs_err::read(&p).unwrap();
+            assert!(
+                want == bytes,
+                "{name} differs from {} (PINLAB_BLESS=1 cargo test -p xtask rewrites it)",
+                p.display()
+            );
+        }
+        // The saved run is a whole demo: three flavors, both filesystems.
+        assert!(r.results.len() > 60, "{}", r.results.len());
+        assert!(r.boots.iter().any(|b| !b.noticed.is_empty()), "no expected splat in the fixture");
+    }
+}

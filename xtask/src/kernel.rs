@@ -289,7 +289,14 @@ pub fn debian_source(cache: &Cache, sources: &Sources) -> Result<PathBuf> {
 /// `git -C tree …` with a fixed identity.
 pub fn git(tree: &Path, args: &[&str]) -> Command {
     let mut c = Command::new("git");
-    c.arg("-C").arg(tree).args(["-c", "user.name=pinlab developers", "-c", "user.email=pinlab@localhost"]).args(args);
+    // No automatic gc: after committing a whole kernel tree git starts
+    // `gc --auto` in the background, whose ref locks made the next
+    // `git reset` of the tree fail ("cannot lock ref 'HEAD'") in a cold run.
+    c.arg("-C")
+        .arg(tree)
+        .args(["-c", "user.name=pinlab developers", "-c", "user.email=pinlab@localhost"])
+        .args(["-c", "gc.auto=0", "-c", "maintenance.auto=false"])
+        .args(args);
     c
 }
 

@@ -175,6 +175,9 @@ pub struct StepCheck {
     /// The spec marks this step as the scenario's headline.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub headline: bool,
+    /// The step is a probe: it observes and the scenario goes on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe: bool,
     /// For a `locate` step: where the spec says the pattern's blocks must be.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_placement: Option<Placement>,
@@ -254,7 +257,15 @@ impl CellResult {
         if let Some(h) = self.steps.iter().find(|s| s.headline && s.expected.ran()) {
             return h.expected.clone();
         }
-        self.steps.iter().map(|s| &s.expected).find(|e| e.ran() && !e.is_ok()).cloned().unwrap_or(StepOutcome::Ok)
+        // The step that stops the scenario, else the first failing probe.
+        let failing = |s: &&StepCheck| s.expected.ran() && !s.expected.is_ok();
+        self.steps
+            .iter()
+            .filter(failing)
+            .find(|s| !s.probe)
+            .or_else(|| self.steps.iter().find(failing))
+            .map(|s| s.expected.clone())
+            .unwrap_or(StepOutcome::Ok)
     }
 
     /// The errno that ends or characterises the run: the first non-ok actual
@@ -266,7 +277,15 @@ impl CellResult {
         if let Some(h) = self.steps.iter().find(|s| s.headline && s.expected.ran()) {
             return h.actual.clone();
         }
-        self.steps.iter().map(|s| &s.actual).find(|a| a.ran() && !a.is_ok()).cloned().unwrap_or(StepOutcome::Ok)
+        // The step that stops the scenario, else the first failing probe.
+        let failing = |s: &&StepCheck| s.actual.ran() && !s.actual.is_ok();
+        self.steps
+            .iter()
+            .filter(failing)
+            .find(|s| !s.probe)
+            .or_else(|| self.steps.iter().find(failing))
+            .map(|s| s.actual.clone())
+            .unwrap_or(StepOutcome::Ok)
     }
 }
 
@@ -297,6 +316,7 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
             expected_placement,
             placement,
             headline: step.headline,
+            probe: step.probe,
         });
     }
     CellResult {

@@ -60,7 +60,7 @@ pub fn render(r: &RunResults) -> String {
     let _ = write!(
         s,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>pinlab run {id}</title><style>{CSS}</style></head><body>\n\
-         <h1>pinlab: RDMA pins on FS-DAX, stock vs patched Linux 6.12</h1>\n\
+         <h1>pinlab: RDMA pins on FS-DAX, what each Linux 6.12 kernel answers</h1>\n\
          <p class=\"summary {cls}\" id=\"summary\">{passed} of {n} cells as expected · run <span class=\"mono\">{id}</span> · accelerator {accel} · {wall:.0} s</p>\n\
          <p class=\"small\" id=\"provenance\">{prov}</p>\n\
          <h2>The problem</h2>\n<p>{PROBLEM}</p>\n",
@@ -84,9 +84,23 @@ fn matrix(s: &mut String, r: &RunResults) {
         s,
         "<h2>The matrix</h2>\n<p class=\"small\">Each cell: what the kernel answered at the step that decides the scenario \
          (✓ = as DESIGN.md expects). Scenarios without a filesystem run once per kernel.</p>\n\
-         <table id=\"matrix\"><thead><tr><th rowspan=\"2\">scenario</th><th colspan=\"2\">stock 6.12</th><th colspan=\"2\">patched 6.12</th></tr>\
-         <tr><th>ext4</th><th>xfs</th><th>ext4</th><th>xfs</th></tr></thead><tbody>\n"
+         <table id=\"matrix\"><thead><tr><th rowspan=\"2\">scenario</th>"
     );
+    // The flavors this run has cells for, in report order.
+    let flavors: Vec<Flavor> = Flavor::ALL.into_iter().filter(|f| r.results.iter().any(|c| c.flavor == *f)).collect();
+    for fl in &flavors {
+        let label = match fl {
+            Flavor::Stock => "stock 6.12",
+            Flavor::Patched => "patched 6.12",
+            Flavor::Hazard => "hazard (teaching kernel)",
+        };
+        let _ = write!(s, "<th colspan=\"2\">{label}</th>");
+    }
+    s.push_str("</tr>\n<tr>");
+    for _ in &flavors {
+        s.push_str("<th>ext4</th><th>xfs</th>");
+    }
+    s.push_str("</tr></thead><tbody>\n");
     for sp in &r.scenarios {
         let _ = write!(
             s,
@@ -94,7 +108,7 @@ fn matrix(s: &mut String, r: &RunResults) {
             id = esc(&sp.id),
             title = esc(&sp.title)
         );
-        for fl in Flavor::ALL {
+        for &fl in &flavors {
             if sp.uses_fs {
                 for fs in Fs::ALL {
                     s.push_str(&cell_html(cell(r, &sp.id, fl, fs), 1));

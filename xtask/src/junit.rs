@@ -105,6 +105,7 @@ mod tests {
                 expected_placement: None,
                 placement: None,
                 headline: false,
+                probe: false,
             }],
             ms: 1.0,
             isolation: None,

@@ -416,12 +416,7 @@ pub fn ensure_qemu(cache: &Cache) -> Result<crate::qemu::QemuBin> {
         let b = crate::qemu::QemuBin::extracted(dir);
         qemu_works(&b).ok().map(|_| b)
     };
-    let mut existing: Vec<PathBuf> = fs_err::read_dir(&tools)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.join(".pinlab-complete").exists()).collect())
-        .unwrap_or_default();
-    existing.retain(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-")));
-    existing.sort();
-    if let Some(b) = existing.iter().rev().find_map(|d| found(d)) {
+    if let Some(b) = extracted_qemus(cache).iter().rev().find_map(|d| found(d)) {
         return Ok(b);
     }
     let _lock = util::FileLock::exclusive(&cache.dir("locks")?.join("qemu.lock"))?;
@@ -464,6 +459,18 @@ pub fn ensure_qemu(cache: &Cache) -> Result<crate::qemu::QemuBin> {
     util::publish_dir(&staging, &dest)?;
     eprintln!("pinlab: {shown} extracted into {} in {}", dest.display(), util::since(t));
     Ok(crate::qemu::QemuBin::extracted(&dest))
+}
+
+/// The complete QEMU extractions in the cache (`tools/qemu-*`), oldest version first.
+fn extracted_qemus(cache: &Cache) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs_err::read_dir(cache.root.join("tools"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.retain(|p| {
+        p.join(".pinlab-complete").exists() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-"))
+    });
+    v.sort();
+    v
 }
 
 /// `qemu --version` (its first line), or why it does not run (e.g. a
@@ -560,16 +567,7 @@ pub fn doctor(cache: &Cache) -> Result<()> {
             Err(e) => println!("MISSING qemu devices: {e:#}"),
         }
     }
-    let pinlab_qemu = fs_err::read_dir(cache.root.join("tools"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.join(".pinlab-complete").exists())
-                .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("qemu-")))
-        })
-        .ok()
-        .flatten();
-    match pinlab_qemu.map(|d| crate::qemu::QemuBin::extracted(&d)) {
+    match extracted_qemus(cache).last().map(|d| crate::qemu::QemuBin::extracted(d)) {
         Some(b) => match qemu_works(&b) {
             Ok(v) => println!("ok      pinlab's QEMU: {v}  [{}]", b.program.display()),
             Err(e) => println!("BROKEN  pinlab's QEMU: {e} (the next run extracts it again)"),

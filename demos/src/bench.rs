@@ -81,9 +81,9 @@ fn timed_reg(dev: &Device, region: &Region) -> Result<(Mr, Duration), StepError>
 /// checked; returns the client's MiB/s.
 fn write_and_verify(dev: &Device, region: &Region) -> Result<f64, StepError> {
     let mr = dev.reg_mr(region, 0..region.len())?;
-    let (_, report) = rdma::write_from_client(dev, &mr, CLIENT, ADDR, Duration::from_secs(120))?;
+    let (_, report) = rdma::write_from_client(dev, &mr, CLIENT, ADDR, Duration::from_secs(120), rdma::DEFAULT_SEED)?;
     mr.dereg()?;
-    if let Some((off, got, want)) = rdma::first_pattern_mismatch(region.as_slice()) {
+    if let Some((off, got, want)) = rdma::first_pattern_mismatch(rdma::DEFAULT_SEED, region.as_slice()) {
         return Err(StepError::other(format!(
             "after the RDMA WRITE, offset {off} holds {got:#04x}, expected {want:#04x}"
         )));

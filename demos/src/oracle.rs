@@ -8,9 +8,9 @@
 
 use crate::region::Region;
 use crate::StepError;
-use pinlab_scenarios::plan::pattern_byte;
-use pinlab_scenarios::results::Placement;
-use std::collections::HashMap;
+use pinlab_scenarios::plan::pattern_block_index;
+use pinlab_scenarios::results::{blocks_in, placement_text, runs_of, Located};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -24,11 +24,6 @@ pub const FILLER: &str = "filler.dat";
 
 fn io(e: std::io::Error, what: String) -> StepError {
     StepError::io(&e, what)
-}
-
-/// The pattern's 4 KiB block at region offset `k * BLOCK`.
-fn pattern_block(k: usize) -> Vec<u8> {
-    (0..BLOCK).map(|i| pattern_byte((k * BLOCK + i) as u64)).collect()
 }
 
 /// One extent of a file on the device: `[start, end)` in bytes.
@@ -113,18 +108,27 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// Find the client's pattern for a region of `len` bytes on `device` and say
+/// Where `device`'s byte 0 sits in its NVDIMM: the fsdax (pfn) device's
+/// data start minus its region's start, both from sysfs. `None` when sysfs
+/// does not say.
+pub fn nvdimm_offset(device: &str) -> Option<u64> {
+    let name = Path::new(device).file_name()?.to_str()?;
+    // /sys/block/pmem0/device -> .../pfn0.1 (fsdax), whose parent is the region.
+    let dev = std::fs::canonicalize(format!("/sys/block/{name}/device")).ok()?;
+    let hex = |p: &Path| {
+        let s = std::fs::read_to_string(p).ok()?;
+        u64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok()
+    };
+    let data = hex(&dev.join("resource"))?;
+    let region = dev.parent()?;
+    let start = hex(&region.join("resource"))?;
+    data.checked_sub(start)
+}
+
+/// Find the pattern (`seed`) of a region of `len` bytes on `device` and say
 /// which file under `mount` owns each block carrying it.
-pub fn locate(device: &str, mount: &Path, len: usize) -> Result<(String, Placement), StepError> {
-    let blocks = len.div_ceil(BLOCK);
-    // The first 16 bytes of a pattern block tell it from the other 127 (the
-    // pattern repeats every 128 pages); the whole block is compared on a hit.
-    let mut by_head: HashMap<[u8; 16], usize> = HashMap::new();
-    for k in 0..blocks {
-        let b = pattern_block(k);
-        let head: [u8; 16] = b[..16].try_into().unwrap_or_default();
-        by_head.insert(head, k);
-    }
+pub fn locate(device: &str, mount: &Path, len: usize, seed: u64) -> Result<(String, Located), StepError> {
+    let blocks = len.div_ceil(BLOCK) as u64;
     let mut dev = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
@@ -142,41 +146,41 @@ pub fn locate(device: &str, mount: &Path, len: usize) -> Result<(String, Placeme
         }
         let data = &buf.as_slice()[..n];
         for (i, blk) in data.chunks_exact(BLOCK).enumerate() {
-            let head: [u8; 16] = blk[..16].try_into().unwrap_or_default();
-            if let Some(&k) = by_head.get(&head) {
-                if blk == pattern_block(k).as_slice() {
-                    found.push(off + (i * BLOCK) as u64);
-                }
+            if pattern_block_index(seed, blocks, blk).is_some() {
+                found.push(off / BLOCK as u64 + i as u64);
             }
         }
         off += n as u64;
     }
-    let mut owners: Vec<(String, Vec<Extent>)> = Vec::new();
     let mut files = Vec::new();
     files_under(mount, &mut files);
     files.sort();
+    let b = BLOCK as u64;
+    let mut owners = BTreeMap::new();
     for f in files {
         let name = f.strip_prefix(mount).unwrap_or(&f).display().to_string();
-        owners.push((name, extents(&f)?));
+        let runs = extents(&f)?.iter().flat_map(|e| e.start / b..e.end.div_ceil(b)).collect::<Vec<_>>();
+        owners.insert(name, runs_of(runs));
     }
-    let mut placement = Placement::new();
-    for at in &found {
-        let owner = owners
-            .iter()
-            .find(|(_, ex)| ex.iter().any(|e| e.start <= *at && *at < e.end))
-            .map(|(n, _)| n.clone())
-            .unwrap_or_else(|| "free".to_string());
-        *placement.entry(owner).or_default() += 1;
-    }
+    let located = Located {
+        device: device.to_string(),
+        device_bytes: off,
+        nvdimm_offset: nvdimm_offset(device),
+        seed,
+        region_blocks: blocks,
+        nic: runs_of(found),
+        owners,
+        host: None,
+    };
     let detail = format!(
         "read {device} raw ({} MiB, O_DIRECT): {} blocks carry the client's pattern (a {} KiB region is {blocks} \
          blocks); owners: {}",
         off >> 20,
-        found.len(),
+        blocks_in(&located.nic),
         len / 1024,
-        pinlab_scenarios::results::placement_text(&placement)
+        placement_text(&located.placement())
     );
-    Ok((detail, placement))
+    Ok((detail, located))
 }
 
 /// `fill`: fallocate every free block into `FILLER`. Several passes, each
@@ -276,8 +280,9 @@ pub fn create_file(mount: &Path, name: &str, size: Option<usize>, byte: u8) -> R
 }
 
 /// `check_file`: every byte of `name` is still `byte` (read in chunks: the
-/// victim may be as large as the filesystem).
-pub fn check_file(mount: &Path, name: &str, byte: u8) -> Result<String, StepError> {
+/// victim may be as large as the filesystem); blocks that are not are
+/// checked for the scenario's pattern (`seed`).
+pub fn check_file(mount: &Path, name: &str, byte: u8, seed: u64) -> Result<String, StepError> {
     let p = mount.join(name);
     let mut f = File::open(&p).map_err(|e| io(e, format!("open({})", p.display())))?;
     let mut buf = vec![0u8; 1 << 20];
@@ -298,10 +303,7 @@ pub fn check_file(mount: &Path, name: &str, byte: u8) -> Result<String, StepErro
                 let j = blk.iter().position(|b| *b != byte).unwrap_or(0);
                 first = Some((off + j, blk[j]));
             }
-            let head = blk[0];
-            if blk.len() == BLOCK
-                && (0..128).any(|k| pattern_byte((k * BLOCK) as u64) == head && blk == pattern_block(k).as_slice())
-            {
+            if pattern_block_index(seed, u64::MAX, blk).is_some() {
                 pattern_blocks += 1;
             }
         }
@@ -331,14 +333,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pattern_blocks_are_told_apart_by_their_head() {
-        // The pattern repeats every 128 pages; within that, heads differ.
-        let heads: std::collections::HashSet<Vec<u8>> = (0..128).map(|k| pattern_block(k)[..16].to_vec()).collect();
-        assert_eq!(heads.len(), 128, "two pattern blocks share their first 16 bytes");
-        assert_eq!(pattern_block(3), pattern_block(131));
-    }
-
-    #[test]
     fn fiemap_of_a_real_file() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("f");
@@ -354,11 +348,17 @@ mod tests {
     fn check_file_names_the_pattern() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("v"), vec![0x5a; 2 * BLOCK]).unwrap();
-        assert!(check_file(d.path(), "v", 0x5a).is_ok());
+        let seed = pinlab_scenarios::plan::pattern_seed("S20");
+        assert!(check_file(d.path(), "v", 0x5a, seed).is_ok());
+        // Block 7 of this scenario's region, then block 7 of another scenario's.
         let mut data = vec![0x5a; BLOCK];
-        data.extend(pattern_block(7));
+        let mut region = vec![0u8; 8 * BLOCK];
+        pinlab_scenarios::plan::fill_pattern(seed, 0, &mut region);
+        data.extend(&region[7 * BLOCK..]);
+        pinlab_scenarios::plan::fill_pattern(pinlab_scenarios::plan::pattern_seed("S05"), 0, &mut region);
+        data.extend(&region[7 * BLOCK..]);
         std::fs::write(d.path().join("v"), data).unwrap();
-        let e = check_file(d.path(), "v", 0x5a).unwrap_err();
-        assert!(e.message.contains("1 of its 2 blocks hold the RDMA client's pattern"), "{}", e.message);
+        let e = check_file(d.path(), "v", 0x5a, seed).unwrap_err();
+        assert!(e.message.contains("1 of its 3 blocks hold the RDMA client's pattern"), "{}", e.message);
     }
 }

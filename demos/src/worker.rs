@@ -17,7 +17,9 @@ use nix::fcntl::FallocateFlags;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use nix::unistd::ForkResult;
-use pinlab_scenarios::plan::{pattern_byte, Action, FallocMode, LeaseKind, Proc, Target, TruncVia};
+use pinlab_scenarios::plan::{
+    first_pattern_mismatch, pattern_seed, Action, FallocMode, LeaseKind, Proc, Target, TruncVia,
+};
 use pinlab_scenarios::protocol::worker::{Hello, Reply, Request};
 use pinlab_scenarios::protocol::StepOutcome;
 use serde::{Deserialize, Serialize};
@@ -42,8 +44,8 @@ pub const CLIENT: &str = "/usr/local/bin/rdma-client";
 /// the failure's outcome with its message.
 pub fn reply(r: Result<String, StepError>) -> Reply {
     match r {
-        Ok(detail) => Reply { outcome: StepOutcome::Ok, detail, placement: None },
-        Err(e) => Reply { outcome: e.outcome(), detail: e.message, placement: None },
+        Ok(detail) => Reply { outcome: StepOutcome::Ok, detail, placement: None, located: None },
+        Err(e) => Reply { outcome: e.outcome(), detail: e.message, placement: None, located: None },
     }
 }
 
@@ -59,6 +61,11 @@ pub struct Context {
 }
 
 impl Context {
+    /// The scenario's pattern seed ([`pattern_seed`]).
+    pub fn seed(&self) -> u64 {
+        pattern_seed(&self.scenario)
+    }
+
     /// The scenario's `i`-th file (0 = the main one).
     pub fn file(&self, i: usize) -> PathBuf {
         let name = if i == 0 { format!("{}.dat", self.scenario) } else { format!("{}-{i}.dat", self.scenario) };
@@ -184,7 +191,9 @@ impl Worker {
             Action::CreateFile { name, size, all, byte } => {
                 crate::oracle::create_file(Path::new(PMEM_MNT), name, (!*all).then_some(size.0 as usize), *byte)
             }
-            Action::CheckFile { name, byte } => crate::oracle::check_file(Path::new(PMEM_MNT), name, *byte),
+            Action::CheckFile { name, byte } => {
+                crate::oracle::check_file(Path::new(PMEM_MNT), name, *byte, self.ctx.seed())
+            }
             Action::Fork
             | Action::Exit
             | Action::Kill { .. }
@@ -262,7 +271,7 @@ impl Worker {
     fn rdma_write(&mut self) -> Result<String, StepError> {
         let mr = self.mrs.last().ok_or_else(|| StepError::other("rdma_write before reg_mr"))?;
         let dev = self.dev.as_ref().ok_or_else(|| StepError::other("no device"))?;
-        let (pid, report) = rdma::write_from_client(dev, mr, CLIENT, ADDR, Duration::from_secs(30))?;
+        let (pid, report) = rdma::write_from_client(dev, mr, CLIENT, ADDR, Duration::from_secs(30), self.ctx.seed())?;
         self.written = Some(mr.len());
         Ok(format!(
             "rdma-client (pid {pid}) RDMA-WROTE {} bytes into MR rkey={:#x}: {}",
@@ -284,7 +293,7 @@ impl Worker {
             .iter()
             .find_map(|r| r.bytes_at(mr.addr(), mr.len()))
             .ok_or_else(|| StepError::other("verify: the MR's memory is no longer mapped in this process"))?;
-        match crate::rdma::first_pattern_mismatch(bytes) {
+        match crate::rdma::first_pattern_mismatch(self.ctx.seed(), bytes) {
             None => Ok(format!("all {} bytes in the MR match the client's pattern", bytes.len())),
             Some((i, got, want)) => {
                 Err(StepError::mismatch(format!("mismatch at offset {i}: found {got:#04x}, expected {want:#04x}")))
@@ -443,12 +452,11 @@ impl Worker {
         let mut f = File::open(&p).map_err(|e| io_err(e, format!("open({})", p.display())))?;
         let mut buf = vec![0u8; len as usize];
         f.read_exact(&mut buf).map_err(|e| io_err(e, format!("read({}, {len})", p.display())))?;
-        match buf.iter().enumerate().find(|(i, b)| **b != pattern_byte(*i as u64)) {
+        match first_pattern_mismatch(self.ctx.seed(), &buf) {
             None => Ok(format!("read() of {} returns the client's {len} bytes", p.display())),
-            Some((i, b)) => Err(StepError::mismatch(format!(
-                "mismatch: {} offset {i} holds {b:#04x}, expected {:#04x}",
-                p.display(),
-                pattern_byte(i as u64)
+            Some((i, b, want)) => Err(StepError::mismatch(format!(
+                "mismatch: {} offset {i} holds {b:#04x}, expected {want:#04x}",
+                p.display()
             ))),
         }
     }
@@ -512,6 +520,7 @@ pub fn serve(role: Proc, ctx: Context) -> ! {
                         outcome: StepOutcome::Ok,
                         detail: format!("pid {} exits now", std::process::id()),
                         placement: None,
+                        located: None,
                     },
                 );
                 // No destructors: no dereg, no munmap, no close. The kernel does it all at exit.
@@ -547,6 +556,7 @@ pub fn serve(role: Proc, ctx: Context) -> ! {
                             outcome: StepOutcome::Ok,
                             detail: format!("fork() = {child}; the child shares the uverbs fd and the mappings"),
                             placement: None,
+                            located: None,
                         },
                     );
                 }

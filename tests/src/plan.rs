@@ -482,12 +482,66 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-/// The byte the client writes at `offset` of a region: a pattern that a
-/// zeroed, stale or shifted buffer cannot match by accident.
-pub fn pattern_byte(offset: u64) -> u8 {
-    // Mix the page number in so a page written to the wrong place is caught.
-    let page = offset >> 12;
-    ((offset.wrapping_mul(31)) ^ page.wrapping_mul(0x9e) ^ 0xa5) as u8
+/// The seed of the pattern written when no scenario names one (the
+/// stand-alone `rdma-server`/`rdma-client` and the benchmarks).
+pub const DEFAULT_SEED: u64 = 0x7069_6e6c_6162_0001;
+
+/// The pattern seed of scenario `id`: every scenario writes its own bytes, so
+/// blocks an earlier scenario of the same boot left on the namespace are
+/// never counted as this one's (FNV-1a of the id; never 0).
+pub fn pattern_seed(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in b"pinlab-pattern:".iter().chain(id.as_bytes()) {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h | 1
+}
+
+/// The pattern's block size: each 4 KiB block of it starts with its seed
+/// (8 bytes, little endian) and its block number in the region (8 bytes), so
+/// a block found anywhere says whose it is and where it belongs.
+pub const PATTERN_BLOCK: u64 = 4096;
+
+/// The byte the client writes at `offset` of a region with pattern `seed`:
+/// a pattern that a zeroed, stale, shifted or other scenario's buffer
+/// cannot match by accident.
+pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
+    let (block, at) = (offset / PATTERN_BLOCK, offset % PATTERN_BLOCK);
+    match at {
+        0..8 => seed.to_le_bytes()[at as usize],
+        8..16 => block.to_le_bytes()[(at - 8) as usize],
+        // Mix the page number and the seed in, so a page written to the
+        // wrong place, or by another scenario, is caught.
+        _ => ((offset.wrapping_mul(31)) ^ block.wrapping_mul(0x9e) ^ (seed >> ((block % 8) * 8)) ^ 0xa5) as u8,
+    }
+}
+
+/// Fill `buf`, which sits at `offset` of the region, with pattern `seed`.
+pub fn fill_pattern(seed: u64, offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern_byte(seed, offset + i as u64);
+    }
+}
+
+/// The first offset where `buf` (a whole region) differs from pattern
+/// `seed`, with the byte found and the byte expected.
+pub fn first_pattern_mismatch(seed: u64, buf: &[u8]) -> Option<(usize, u8, u8)> {
+    buf.iter().enumerate().find_map(|(i, &b)| {
+        let want = pattern_byte(seed, i as u64);
+        (b != want).then_some((i, b, want))
+    })
+}
+
+/// Which block of a pattern-`seed` region of `blocks` blocks `block` (4 KiB
+/// read from anywhere) is, if it is one: its head names the seed and the
+/// block number, and every other byte must match too.
+pub fn pattern_block_index(seed: u64, blocks: u64, block: &[u8]) -> Option<u64> {
+    if block.len() as u64 != PATTERN_BLOCK || block[..8] != seed.to_le_bytes() {
+        return None;
+    }
+    let k = u64::from_le_bytes(block[8..16].try_into().ok()?);
+    let base = k.checked_mul(PATTERN_BLOCK)?;
+    (k < blocks && block.iter().enumerate().all(|(i, &b)| b == pattern_byte(seed, base + i as u64))).then_some(k)
 }
 
 #[cfg(test)]
@@ -538,7 +592,19 @@ mod tests {
 
     #[test]
     fn pattern_differs_between_pages() {
-        assert_ne!(pattern_byte(0), pattern_byte(4096));
-        assert_ne!(pattern_byte(0), 0);
+        let seed = pattern_seed("S05");
+        assert_ne!(seed, pattern_seed("S13"));
+        assert_ne!(pattern_byte(seed, 16), pattern_byte(seed, 4096 + 16));
+        assert_ne!(pattern_byte(seed, 100), pattern_byte(pattern_seed("S13"), 100));
+        let mut region = vec![0u8; 3 * 4096];
+        fill_pattern(seed, 0, &mut region);
+        assert_eq!(first_pattern_mismatch(seed, &region), None);
+        assert_eq!(pattern_block_index(seed, 3, &region[8192..]), Some(2));
+        // Another scenario's block, a block beyond the region, a damaged block: none are this one's.
+        assert_eq!(pattern_block_index(pattern_seed("S13"), 3, &region[8192..]), None);
+        assert_eq!(pattern_block_index(seed, 2, &region[8192..]), None);
+        region[8192 + 100] ^= 1;
+        assert_eq!(pattern_block_index(seed, 3, &region[8192..]), None);
+        assert_eq!(first_pattern_mismatch(seed, &region).map(|m| m.0), Some(8292));
     }
 }

@@ -24,6 +24,9 @@ pub const PLAN_FILE: &str = "plan.json";
 pub const RESULTS_FILE: &str = "guest-results.json";
 /// Where the run share is mounted in the guest.
 pub const GUEST_SHARE: &str = "/pinlab";
+/// The run share's directory where the host answers
+/// [`GuestEvent::LocateRequest`]s, one file per token.
+pub const HOST_SCAN_DIR: &str = "host-scan";
 /// The kernel command-line switch that makes pinlab-init start a shell
 /// after setting up the lab instead of running the plan.
 pub const SHELL_MODE: &str = "pinlab.mode=shell";
@@ -124,6 +127,25 @@ pub enum GuestEvent {
         /// What the kernel said and what was observed, for people.
         detail: String,
     },
+    /// A `locate` step found the scenario's pattern on the namespace and
+    /// waits for the host to search the NVDIMM backing file for it too. The
+    /// host answers by creating `HOST_SCAN_DIR/<token>` in the run share.
+    LocateRequest {
+        /// Scenario id.
+        id: String,
+        /// Step index in the scenario (0-based).
+        index: usize,
+        /// Names the host's answer.
+        token: String,
+        /// Where the block device's byte 0 is in the NVDIMM.
+        nvdimm_offset: u64,
+        /// The block device's size in bytes.
+        device_bytes: u64,
+        /// The scenario's pattern seed.
+        seed: u64,
+        /// The client's region, in 4 KiB blocks.
+        region_blocks: u64,
+    },
     /// The runner starts the benchmark plan.
     BenchStarted,
     /// A benchmark figure gained a sample, or failed.
@@ -182,6 +204,9 @@ impl fmt::Display for GuestEvent {
                 }
                 Ok(())
             }
+            GuestEvent::LocateRequest { id, index, nvdimm_offset, .. } => {
+                write!(f, "{id} step {}: asks the host to search the NVDIMM (device at {nvdimm_offset:#x})", index + 1)
+            }
             GuestEvent::BenchStarted => f.write_str("bench started"),
             GuestEvent::BenchSample { key, error: Some(e), .. } => write!(f, "{key}: error: {e}"),
             GuestEvent::BenchSample { key, samples, value, unit, .. } => {
@@ -225,6 +250,9 @@ pub mod worker {
         /// What a `locate` found.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub placement: Option<crate::results::Placement>,
+        /// What a `locate` saw, block by block.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub located: Option<crate::results::Located>,
     }
 }
 

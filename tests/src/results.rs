@@ -62,6 +62,153 @@ pub struct StepResult {
     /// owning file (`free` when no file owns them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// What a `locate` step saw, block by block (and, added by the host, what
+    /// the host's own scan of the NVDIMM found).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub located: Option<Located>,
+}
+
+/// A run of 4 KiB blocks on the fsdax block device, `[start, len]` in JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(from = "[u64; 2]", into = "[u64; 2]")]
+pub struct Run {
+    /// The first block (block 0 is the device's first 4 KiB).
+    pub start: u64,
+    /// How many blocks.
+    pub len: u64,
+}
+
+impl From<[u64; 2]> for Run {
+    fn from([start, len]: [u64; 2]) -> Self {
+        Run { start, len }
+    }
+}
+
+impl From<Run> for [u64; 2] {
+    fn from(r: Run) -> Self {
+        [r.start, r.len]
+    }
+}
+
+impl Run {
+    /// The block after the run.
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// Sorted block numbers as runs.
+pub fn runs_of(blocks: impl IntoIterator<Item = u64>) -> Vec<Run> {
+    let mut v: Vec<u64> = blocks.into_iter().collect();
+    v.sort_unstable();
+    v.dedup();
+    let mut out: Vec<Run> = Vec::new();
+    for b in v {
+        match out.last_mut() {
+            Some(r) if r.end() == b => r.len += 1,
+            _ => out.push(Run { start: b, len: 1 }),
+        }
+    }
+    out
+}
+
+/// How many blocks the runs cover.
+pub fn blocks_in(runs: &[Run]) -> u64 {
+    runs.iter().map(|r| r.len).sum()
+}
+
+/// What a `locate` step saw on the fsdax namespace.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Located {
+    /// The block device read raw, e.g. `/dev/pmem0`.
+    pub device: String,
+    /// Its size in bytes.
+    pub device_bytes: u64,
+    /// Where the device's byte 0 is in the NVDIMM (the host's backing file):
+    /// the fsdax namespace's data offset in its region, from sysfs. `None`
+    /// when sysfs did not say (then the host cannot check).
+    pub nvdimm_offset: Option<u64>,
+    /// The scenario's pattern seed.
+    pub seed: u64,
+    /// The client's region, in blocks.
+    pub region_blocks: u64,
+    /// The device blocks that carry one of the region's pattern blocks.
+    pub nic: Vec<Run>,
+    /// Every file on the mount and its device blocks (FIEMAP).
+    pub owners: std::collections::BTreeMap<String, Vec<Run>>,
+    /// What the host found in the NVDIMM backing file while the guest
+    /// waited (filled in by the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostScan>,
+}
+
+/// The host's own search of the NVDIMM backing file for a `locate` step's
+/// pattern, made while the guest waited.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HostScan {
+    /// The device blocks (translated with [`Located::nvdimm_offset`]) that
+    /// carry one of the region's pattern blocks.
+    pub nic: Vec<Run>,
+    /// Bytes of the backing file read.
+    pub scanned_bytes: u64,
+    /// How long the scan took.
+    pub ms: f64,
+    /// Why the host could not scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Located {
+    /// The device block → owning file, `free` when none.
+    pub fn owner_of(&self, block: u64) -> &str {
+        self.owners
+            .iter()
+            .find(|(_, runs)| runs.iter().any(|r| r.start <= block && block < r.end()))
+            .map(|(n, _)| n.as_str())
+            .unwrap_or("free")
+    }
+
+    /// The guest's blocks by owner.
+    pub fn placement(&self) -> Placement {
+        placement_of(self, &self.nic)
+    }
+
+    /// Whether the host saw the same blocks; `Err` says how they differ.
+    pub fn host_agrees(&self) -> Result<(), String> {
+        let Some(off) = self.nvdimm_offset else {
+            return Err(
+                "the guest could not tell where the namespace sits in the NVDIMM, so the host could not look".into()
+            );
+        };
+        let Some(h) = &self.host else {
+            return Err(format!("the host did not scan the NVDIMM (data offset {off:#x})"));
+        };
+        if let Some(e) = &h.error {
+            return Err(format!("the host's scan failed: {e}"));
+        }
+        if h.nic == self.nic {
+            Ok(())
+        } else {
+            Err(format!(
+                "the guest found {} ({} blocks), the host's scan of the NVDIMM found {} ({} blocks)",
+                placement_text(&self.placement()),
+                blocks_in(&self.nic),
+                placement_text(&placement_of(self, &h.nic)),
+                blocks_in(&h.nic)
+            ))
+        }
+    }
+}
+
+/// `runs` by owning file, as `located`'s owners say.
+pub fn placement_of(located: &Located, runs: &[Run]) -> Placement {
+    let mut p = Placement::new();
+    for r in runs {
+        for b in r.start..r.end() {
+            *p.entry(located.owner_of(b).to_string()).or_default() += 1;
+        }
+    }
+    p
 }
 
 /// How one kselftest test ended (its TAP line).
@@ -184,6 +331,9 @@ pub struct StepCheck {
     /// For a `locate` step: where the guest found them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+    /// For a `locate` step: the blocks, their owners and the host's view.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub located: Option<Located>,
 }
 
 /// Blocks carrying a pattern, by owning file (`free`: no file owns them).
@@ -296,9 +446,14 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
     let mut steps = Vec::new();
     for (i, (step, exp)) in spec.steps.iter().zip(expected).enumerate() {
         let exp = exp.as_ref().map(StepOutcome::from).unwrap_or(StepOutcome::NotRun);
-        let (actual, detail, ms, placement) = match got.and_then(|g| g.steps.get(i)) {
-            Some(r) => (r.outcome.clone(), r.detail.clone(), r.ms, r.placement.clone()),
-            None => (StepOutcome::Missing, "the guest reported no result for this step".to_string(), 0.0, None),
+        let (actual, mut detail, ms, placement, located) = match got.and_then(|g| g.steps.get(i)) {
+            Some(r) => (r.outcome.clone(), r.detail.clone(), r.ms, r.placement.clone(), r.located.clone()),
+            None => (StepOutcome::Missing, "the guest reported no result for this step".to_string(), 0.0, None, None),
+        };
+        // Where the guest saw the NIC's bytes must be where the host sees them.
+        let agrees = match &located {
+            Some(l) => l.host_agrees().map_err(|e| detail.push_str(&format!("; HOST DISAGREES: {e}"))).is_ok(),
+            None => true,
         };
         let expected_placement = step.placement_for(flavor, fs).cloned();
         // A locate step checks where the bytes are, not only that it ran.
@@ -308,13 +463,14 @@ pub fn check(spec: &Scenario, flavor: Flavor, fs: Fs, got: Option<&ScenarioResul
         };
         steps.push(StepCheck {
             name: step.name.clone(),
-            pass: actual == exp && placed,
+            pass: actual == exp && placed && agrees,
             expected: exp,
             actual,
             detail,
             ms,
             expected_placement,
             placement,
+            located,
             headline: step.headline,
             probe: step.probe,
         });
@@ -363,6 +519,7 @@ mod tests {
                     detail: String::new(),
                     ms: 1.0,
                     placement: None,
+                    located: None,
                 })
                 .collect(),
             ms: 3.0,

@@ -104,6 +104,7 @@ mod tests {
                 ms: 1.0,
                 expected_placement: None,
                 placement: None,
+                located: None,
                 headline: false,
                 probe: false,
             }],

@@ -14,6 +14,7 @@ mod junit;
 mod kernel;
 mod kvm;
 mod lab;
+mod placement;
 mod qemu;
 mod report;
 mod run;

@@ -288,7 +288,7 @@ mod tests {
     }
 
     fn step(name: &str, outcome: StepOutcome) -> StepResult {
-        StepResult { name: name.into(), outcome, detail: String::new(), ms: 1.0, placement: None }
+        StepResult { name: name.into(), outcome, detail: String::new(), ms: 1.0, placement: None, located: None }
     }
 
     fn clean() -> BootResults {

@@ -9,12 +9,13 @@
 //! leaves nothing running behind.
 
 use crate::console::{self, Splat};
+use crate::placement;
 use crate::qemu::{self, Accel, QemuSpec};
 use crate::util;
 use anyhow::{bail, Context, Result};
 use pinlab_scenarios::plan::Plan;
-use pinlab_scenarios::protocol::{GuestEvent, PLAN_FILE, RESULTS_FILE, SHELL_MODE};
-use pinlab_scenarios::results::BootResults;
+use pinlab_scenarios::protocol::{GuestEvent, HOST_SCAN_DIR, PLAN_FILE, RESULTS_FILE, SHELL_MODE};
+use pinlab_scenarios::results::{BootResults, HostScan};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;
@@ -407,12 +408,36 @@ enum Armed {
     Hang,
 }
 
+/// Tell the guest its `locate` request was served: create `token` in the
+/// share's [`HOST_SCAN_DIR`].
+fn answer_locate(share: &Path, token: &str) -> Result<()> {
+    if !placement::safe_token(token) {
+        bail!("the guest asked for a host scan with an unusable token {token:?}");
+    }
+    let dir = share.join(HOST_SCAN_DIR);
+    fs_err::create_dir_all(&dir)?;
+    fs_err::write(dir.join(token), b"")?;
+    Ok(())
+}
+
+/// Put the host's scans into the guest's `locate` records they answer.
+fn add_host_scans(results: &mut BootResults, scans: std::collections::BTreeMap<(String, usize), HostScan>) {
+    for ((id, index), scan) in scans {
+        let step = results.scenarios.iter_mut().find(|s| s.id == id).and_then(|s| s.steps.get_mut(index));
+        if let Some(located) = step.and_then(|s| s.located.as_mut()) {
+            located.host = Some(scan);
+        }
+    }
+}
+
 /// Boot once and run the plan. An error means the machine could not be set
 /// up or its output not written; everything that happens once QEMU runs is
 /// in the returned [`Boot`].
 pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
     let m = prepare(spec.virtiofsd, spec.kernel, spec.rootfs, spec.dir, spec.plan, spec.accel, "")?;
     let share = m.share.clone();
+    // The host's scans for the guest's `locate` steps, by (scenario, step).
+    let mut host_scans: std::collections::BTreeMap<(String, usize), HostScan> = Default::default();
     let qemu_log = spec.dir.join("qemu.log");
     let qlog = fs_err::File::create(&qemu_log).with_context(|| format!("Failed to create {}", qemu_log.display()))?;
     let t0 = Instant::now();
@@ -473,6 +498,24 @@ pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
                         }
                         GuestEvent::StepFinished { index, .. } => progress.step = Some(*index),
                         GuestEvent::Done { rc } => done = Some(*rc),
+                        GuestEvent::LocateRequest {
+                            id,
+                            index,
+                            token,
+                            nvdimm_offset,
+                            device_bytes,
+                            seed,
+                            region_blocks,
+                        } => {
+                            let req = placement::Request {
+                                nvdimm_offset: *nvdimm_offset,
+                                device_bytes: *device_bytes,
+                                seed: *seed,
+                                region_blocks: *region_blocks,
+                            };
+                            host_scans.insert((id.clone(), *index), placement::scan(&m.qspec.pmem, &req));
+                            answer_locate(&share, token)?;
+                        }
                         GuestEvent::BenchStarted | GuestEvent::BenchSample { .. } => {}
                     }
                     last_progress = Instant::now();
@@ -539,7 +582,10 @@ pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
     let results_path = share.join(RESULTS_FILE);
     let results = match fs_err::read(&results_path) {
         Ok(b) => serde_json::from_slice::<BootResults>(&b)
-            .map(Some)
+            .map(|mut r| {
+                add_host_scans(&mut r, host_scans);
+                Some(r)
+            })
             .map_err(|e| format!("{} is not a results file: {e}", results_path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("Failed to read {}: {e}", results_path.display())),

@@ -15,7 +15,7 @@ use pinlab_demos::StepError;
 use pinlab_scenarios::bench::Figure;
 use pinlab_scenarios::plan::{Action, DaxMode, Plan, PlannedScenario, PlannedStep, Proc};
 use pinlab_scenarios::protocol::worker::{Hello, Reply, Request};
-use pinlab_scenarios::protocol::{GuestEvent, StepOutcome, GUEST_SHARE};
+use pinlab_scenarios::protocol::{GuestEvent, StepOutcome, GUEST_SHARE, HOST_SCAN_DIR};
 use pinlab_scenarios::results::{parse_tap, BootResults, ScenarioResult, SelftestResult, StepResult, TapOutcome};
 use pinlab_scenarios::Fs;
 use std::collections::BTreeMap;
@@ -55,7 +55,14 @@ fn tool(prog: &str, args: &[&str]) -> Result<String, StepError> {
 /// A step as it ended (`rep`, from this process or a worker), timed from `t`.
 fn record(name: &str, t: Instant, rep: Reply) -> StepResult {
     let ms = t.elapsed().as_secs_f64() * 1000.0;
-    StepResult { name: name.into(), outcome: rep.outcome, detail: rep.detail, ms, placement: rep.placement }
+    StepResult {
+        name: name.into(),
+        outcome: rep.outcome,
+        detail: rep.detail,
+        ms,
+        placement: rep.placement,
+        located: rep.located,
+    }
 }
 
 /// `ndctl create-namespace` on a label-less NVDIMM; returns the device it made.
@@ -195,6 +202,8 @@ struct Scene<'a> {
     sysctls: Vec<(String, String)>,
     /// Files the scenario created besides its own (victim, filler), to remove.
     created: Vec<PathBuf>,
+    /// The step being run (0-based).
+    step_index: usize,
 }
 
 /// A call made on a thread of its own that had not returned when looked at.
@@ -229,6 +238,9 @@ fn sleeping_in(tid: i32) -> String {
     )
 }
 
+/// How long a `locate` waits for the host's scan of the NVDIMM.
+const HOST_SCAN_WAIT: Duration = Duration::from_secs(30);
+
 const STEP_DEADLINE: Duration = Duration::from_secs(pinlab_scenarios::plan::STEP_DEADLINE_S);
 
 impl<'a> Scene<'a> {
@@ -249,6 +261,7 @@ impl<'a> Scene<'a> {
             pending: None,
             sysctls: Vec::new(),
             created: Vec::new(),
+            step_index: 0,
             remounted: false,
         })
     }
@@ -339,6 +352,7 @@ impl<'a> Scene<'a> {
                     outcome: StepOutcome::Ok,
                     detail: format!("{}; {gone}", rep.detail),
                     placement: None,
+                    located: None,
                 });
             }
             _ => {}
@@ -376,12 +390,7 @@ impl<'a> Scene<'a> {
                 }))
             }
             (Proc::Other, Action::Await) => self.await_pending(STEP_DEADLINE),
-            (_, Action::Locate { len }) => {
-                match pinlab_demos::oracle::locate(&self.lab.pmem, Path::new(PMEM_MNT), len.0 as usize) {
-                    Ok((detail, placement)) => Reply { outcome: StepOutcome::Ok, detail, placement: Some(placement) },
-                    Err(e) => reply(Err(e)),
-                }
-            }
+            (_, Action::Locate { len }) => self.locate(len.0 as usize),
             (_, Action::Fill) | (_, Action::CreateFile { .. }) => {
                 let name = match &st.action {
                     Action::CreateFile { name, .. } => name.clone(),
@@ -399,6 +408,53 @@ impl<'a> Scene<'a> {
             (Proc::Other, a) => reply(self.me.exec(a)),
             (role, a) => self.ask(role, a).unwrap_or_else(|e| reply(Err(e))),
         }
+    }
+
+    /// `locate`: find the scenario's pattern on the namespace, then have the
+    /// host search the NVDIMM backing file for it while nothing here moves
+    /// (the host adds its view to the results; see [`GuestEvent::LocateRequest`]).
+    fn locate(&mut self, len: usize) -> Reply {
+        let seed = self.ctx.seed();
+        let (mut detail, located) = match pinlab_demos::oracle::locate(&self.lab.pmem, Path::new(PMEM_MNT), len, seed) {
+            Ok(v) => v,
+            Err(e) => return reply(Err(e)),
+        };
+        match located.nvdimm_offset {
+            Some(off) => {
+                let token = format!("{}-{}", self.ctx.scenario, self.step_index);
+                GuestEvent::LocateRequest {
+                    id: self.ctx.scenario.clone(),
+                    index: self.step_index,
+                    token: token.clone(),
+                    nvdimm_offset: off,
+                    device_bytes: located.device_bytes,
+                    seed,
+                    region_blocks: located.region_blocks,
+                }
+                .emit();
+                let answer = Path::new(GUEST_SHARE).join(HOST_SCAN_DIR).join(&token);
+                let t = Instant::now();
+                // readdir is not cached by virtiofs (a negative lookup would be, for a second).
+                let answered = || {
+                    std::fs::read_dir(answer.parent().unwrap_or(Path::new(GUEST_SHARE)))
+                        .map(|rd| rd.flatten().any(|e| e.file_name().to_str() == Some(token.as_str())))
+                        .unwrap_or(false)
+                };
+                while !answered() && t.elapsed() < HOST_SCAN_WAIT {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if answered() {
+                    detail.push_str(&format!(
+                        "; the host searched the NVDIMM meanwhile ({} ms)",
+                        t.elapsed().as_millis()
+                    ));
+                } else {
+                    detail.push_str(&format!("; the host did not answer within {} s", HOST_SCAN_WAIT.as_secs()));
+                }
+            }
+            None => detail.push_str("; sysfs does not say where the namespace sits in the NVDIMM: no host check"),
+        }
+        Reply { outcome: StepOutcome::Ok, detail, placement: Some(located.placement()), located: Some(located) }
     }
 
     /// A `may_block` step: the call runs on a thread of its own; if it has not
@@ -444,6 +500,7 @@ impl<'a> Scene<'a> {
                     outcome: StepOutcome::Blocked,
                     detail: format!("{what} has not returned after {} ms: {where_}{blocks}", check.as_millis()),
                     placement: None,
+                    located: None,
                 }
             }
         }
@@ -467,7 +524,7 @@ impl<'a> Scene<'a> {
             Err(_) => {
                 let detail = format!("{} still sleeps after {} s more", p.what, d.as_secs());
                 self.pending = Some(p);
-                Reply { outcome: StepOutcome::Blocked, detail, placement: None }
+                Reply { outcome: StepOutcome::Blocked, detail, placement: None, located: None }
             }
         }
     }
@@ -632,10 +689,12 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
                 detail: String::new(),
                 ms: 0.0,
                 placement: None,
+                located: None,
             });
             continue;
         }
         let t = Instant::now();
+        scene.step_index = i;
         let rec = record(&st.name, t, scene.step(st));
         GuestEvent::StepFinished {
             id: sc.id.clone(),

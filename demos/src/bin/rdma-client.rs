@@ -2,7 +2,7 @@
 //! offers, then print one JSON line with the report.
 //!
 //! ```text
-//! rdma-client --server HOST:PORT [--timeout-s 20]
+//! rdma-client --server HOST:PORT [--timeout-s 20] [--seed N]
 //! ```
 //! Exit status 0 on success, 1 when the transfer failed, 2 for bad usage.
 
@@ -10,12 +10,14 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: rdma-client --server HOST:PORT [--timeout-s 20]";
+const USAGE: &str = "usage: rdma-client --server HOST:PORT [--timeout-s 20] [--seed N]";
 
 #[derive(Debug, PartialEq, Eq)]
 struct Args {
     server: String,
     timeout: Duration,
+    /// The pattern seed (`pinlab_scenarios::plan::pattern_seed`).
+    seed: u64,
 }
 
 /// `None` means `--help`.
@@ -23,17 +25,22 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     use lexopt::prelude::*;
     let mut server = None;
     let mut timeout = Duration::from_secs(20);
+    let mut seed = pinlab_demos::rdma::DEFAULT_SEED;
     let mut p = lexopt::Parser::from_args(argv);
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
             Short('h') | Long("help") => return Ok(None),
             Long("server") => server = Some(p.value().map_err(|e| e.to_string())?.string().map_err(|e| e.to_string())?),
             Long("timeout-s") => timeout = pinlab_demos::parse_timeout(p.value().map_err(|e| e.to_string())?)?,
+            Long("seed") => {
+                let v = p.value().map_err(|e| e.to_string())?.string().map_err(|e| e.to_string())?;
+                seed = v.parse().map_err(|_| format!("--seed {v:?}: not an unsigned 64-bit number"))?;
+            }
             _ => return Err(arg.unexpected().to_string()),
         }
     }
     let server = server.ok_or("--server HOST:PORT is required")?;
-    Ok(Some(Args { server, timeout }))
+    Ok(Some(Args { server, timeout, seed }))
 }
 
 fn resolve(server: &str) -> Result<SocketAddr, String> {
@@ -63,7 +70,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match pinlab_demos::rdma::client_write(addr, args.timeout) {
+    match pinlab_demos::rdma::client_write(addr, args.timeout, args.seed) {
         Ok(report) => match serde_json::to_string(&report) {
             Ok(line) => {
                 println!("{line}");
@@ -93,7 +100,14 @@ mod tests {
     #[test]
     fn flags() {
         let a = parse("--server 192.0.2.1:18515").unwrap().unwrap();
-        assert_eq!(a, Args { server: "192.0.2.1:18515".into(), timeout: Duration::from_secs(20) });
+        assert_eq!(
+            a,
+            Args {
+                server: "192.0.2.1:18515".into(),
+                timeout: Duration::from_secs(20),
+                seed: pinlab_demos::rdma::DEFAULT_SEED
+            }
+        );
         let a = parse("--server=h:1 --timeout-s=3").unwrap().unwrap();
         assert_eq!(a.timeout, Duration::from_secs(3));
         assert_eq!(parse("-h").unwrap(), None);

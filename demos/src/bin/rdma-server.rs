@@ -148,7 +148,7 @@ fn run(args: Args) -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!("write: ok ({} bytes)", region.len());
-    let verified = match rdma::first_pattern_mismatch(region.as_slice()) {
+    let verified = match rdma::first_pattern_mismatch(rdma::DEFAULT_SEED, region.as_slice()) {
         None => {
             println!("verify: ok");
             true

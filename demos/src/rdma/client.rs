@@ -62,7 +62,7 @@ impl ClientReport {
 /// server's whole region in chunks of at most [`MAX_CHUNK`] (each signaled,
 /// each completion polled), and tell the server how it went. Everything is
 /// bounded by `deadline`.
-pub fn client_write(server: SocketAddr, deadline: Duration) -> anyhow::Result<ClientReport> {
+pub fn client_write(server: SocketAddr, deadline: Duration, seed: u64) -> anyhow::Result<ClientReport> {
     let t0 = Instant::now();
     let until = t0 + deadline;
     let stream = connect_until(server, until)?;
@@ -72,7 +72,7 @@ pub fn client_write(server: SocketAddr, deadline: Duration) -> anyhow::Result<Cl
         Msg::Abort { reason, errno } => return Err(step(errno, format!("server aborted: {reason}")).into()),
         other => return Err(unexpected(&other, "hello").into()),
     };
-    match client_run(&mut wire, &hello, t0, until) {
+    match client_run(&mut wire, &hello, t0, until, seed) {
         Ok(report) => Ok(report),
         Err(e) => {
             let done =
@@ -83,14 +83,20 @@ pub fn client_write(server: SocketAddr, deadline: Duration) -> anyhow::Result<Cl
     }
 }
 
-fn client_run(wire: &mut Wire, server: &Endpoint, t0: Instant, until: Instant) -> Result<ClientReport, StepError> {
+fn client_run(
+    wire: &mut Wire,
+    server: &Endpoint,
+    t0: Instant,
+    until: Instant,
+    seed: u64,
+) -> Result<ClientReport, StepError> {
     let len = usize::try_from(server.len)
         .ok()
         .filter(|&l| l > 0)
         .ok_or_else(|| StepError::errno(libc::EPROTO, format!("server offered an unusable length {}", server.len)))?;
     let dev = Device::open(Some(&server.device)).map_err(|e| StepError::other(format!("{e:#}")))?;
     let mut buf = Region::anon(len).map_err(|e| e.context("client buffer"))?;
-    fill_pattern(buf.as_mut_slice());
+    fill_pattern(seed, 0, buf.as_mut_slice());
     let mr = dev.reg_mr(&buf, 0..len).map_err(|e| e.context("client buffer"))?;
     let mut rc = RcQp::new(&dev, SEND_DEPTH)?;
     wire.send(&Msg::Hello(rc.endpoint(None)), until)?;

@@ -32,7 +32,8 @@ pub fn serve_write(dev: &Device, mr: &Mr, listener: &TcpListener, deadline: Dura
 
 /// One whole RDMA WRITE into `mr` by a separate `rdma-client` process:
 /// listen on `bind`:0, start the client (`client` is its path) against that
-/// port, serve it with [`serve_write`], and return the JSON report it prints.
+/// port (writing pattern `seed`), serve it with [`serve_write`], and return
+/// the JSON report it prints.
 /// The client is killed if serving fails; its stderr is quoted on failure.
 pub fn write_from_client(
     dev: &Device,
@@ -40,13 +41,14 @@ pub fn write_from_client(
     client: &str,
     bind: &str,
     deadline: Duration,
+    seed: u64,
 ) -> Result<(u32, ClientReport), StepError> {
     let listener = TcpListener::bind((bind, 0))
         .map_err(|e| step(e.raw_os_error(), format!("bind {bind}:0 for the RDMA side channel: {e}")))?;
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     let timeout = deadline.as_secs().max(1).to_string();
     let mut child = std::process::Command::new(client)
-        .args(["--server", &format!("{bind}:{port}"), "--timeout-s", &timeout])
+        .args(["--server", &format!("{bind}:{port}"), "--timeout-s", &timeout, "--seed", &seed.to_string()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

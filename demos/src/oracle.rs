@@ -183,6 +183,72 @@ pub fn locate(device: &str, mount: &Path, len: usize, seed: u64) -> Result<(Stri
     Ok((detail, located))
 }
 
+/// `XFS_IOC_SWAPEXT`: `_IOWR('X', 109, struct xfs_swapext)` (192 bytes).
+const XFS_IOC_SWAPEXT: libc::c_ulong = 0xC0C0_586D;
+/// `XFS_IOC_FSBULKSTAT_SINGLE`: `_IOWR('X', 102, struct xfs_fsop_bulkreq)`.
+const XFS_IOC_FSBULKSTAT_SINGLE: libc::c_ulong = 0xC020_5866;
+/// `struct xfs_swapext`: version, fdtarget, fdtmp, offset, length at 0, 8,
+/// 16, 24, 32; the target's `struct xfs_bstat` (136 bytes) at 56.
+const SWAPEXT_SIZE: usize = 192;
+const SWAPEXT_STAT: usize = 56;
+
+/// `swapext`: what `xfs_fsr` does to defragment a file: swap every extent
+/// of `target` with those of `tmp` (same size) in one transaction. The
+/// kernel checks that `target` did not change since its bulkstat, so that
+/// is taken first.
+pub fn swapext(target: &Path, tmp: &Path) -> Result<String, StepError> {
+    let open = |p: &Path| {
+        OpenOptions::new().read(true).write(true).open(p).map_err(|e| io(e, format!("open({}, O_RDWR)", p.display())))
+    };
+    let (t, x) = (open(target)?, open(tmp)?);
+    let meta = t.metadata().map_err(|e| io(e, format!("fstat({})", target.display())))?;
+    let mut sx = vec![0u64; SWAPEXT_SIZE / 8];
+    let mut ino: u64 = std::os::unix::fs::MetadataExt::ino(&meta);
+    let mut count: i32 = 0;
+    {
+        let b = bytemuck_u8(&mut sx);
+        let stat = b[SWAPEXT_STAT..].as_mut_ptr();
+        // struct xfs_fsop_bulkreq: lastip, icount (s32, padded), ubuffer, ocount.
+        let mut req = [0u64; 4];
+        req[0] = std::ptr::addr_of_mut!(ino) as u64;
+        req[1] = 1;
+        req[2] = stat as u64;
+        req[3] = std::ptr::addr_of_mut!(count) as u64;
+        // SAFETY: `req` is a struct xfs_fsop_bulkreq whose pointers name
+        // `ino`, the 136-byte xfs_bstat slot inside `sx` and `count`, all
+        // alive across the call; the kernel writes one xfs_bstat at most.
+        let rc = unsafe { libc::ioctl(t.as_raw_fd(), XFS_IOC_FSBULKSTAT_SINGLE as _, req.as_mut_ptr()) };
+        if rc < 0 {
+            return Err(StepError::last_os(format!("ioctl({}, XFS_IOC_FSBULKSTAT_SINGLE)", target.display())));
+        }
+    }
+    {
+        let b = bytemuck_u8(&mut sx);
+        let put = |b: &mut [u8], at: usize, v: i64| b[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+        put(b, 0, 0); // XFS_SX_VERSION
+        put(b, 8, i64::from(t.as_raw_fd()));
+        put(b, 16, i64::from(x.as_raw_fd()));
+        put(b, 24, 0);
+        put(b, 32, meta.len() as i64);
+    }
+    // SAFETY: `sx` is a 192-byte, 8-aligned struct xfs_swapext (filled above)
+    // that lives across the call.
+    let rc = unsafe { libc::ioctl(t.as_raw_fd(), XFS_IOC_SWAPEXT as _, sx.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(StepError::last_os(format!(
+            "ioctl({}, XFS_IOC_SWAPEXT, with {})",
+            target.display(),
+            tmp.display()
+        )));
+    }
+    Ok(format!(
+        "XFS_IOC_SWAPEXT swapped all {} bytes of extents between {} and {}",
+        meta.len(),
+        target.display(),
+        tmp.display()
+    ))
+}
+
 /// `fill`: fallocate every free block into `FILLER`. Several passes, each
 /// after a sync: blocks freed by earlier scenarios are busy until the
 /// journal commits (xfs busy extents, ext4's freed-data list), and closing

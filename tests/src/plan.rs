@@ -332,6 +332,14 @@ pub enum Action {
         /// The byte it was created with.
         byte: u8,
     },
+    /// `XFS_IOC_SWAPEXT` (what `xfs_fsr` does): swap all extents of the
+    /// scenario's file with those of `with` (same size), both opened
+    /// read-write by this process. `ENOTTY` on filesystems other than xfs.
+    #[serde(rename = "swapext")]
+    SwapExt {
+        /// The other file on the mount, e.g. `S22-tmp.dat`.
+        with: String,
+    },
     /// The data-placement oracle: read the whole fsdax namespace raw
     /// (`O_DIRECT` on the pmem block device), find every 4 KiB block that
     /// carries the client's pattern for a region of `len` bytes, and map
@@ -375,6 +383,7 @@ impl Action {
             Action::CreateFile { .. } => "create_file",
             Action::CheckFile { .. } => "check_file",
             Action::Locate { .. } => "locate",
+            Action::SwapExt { .. } => "swapext",
         }
     }
 }

@@ -183,6 +183,41 @@ pub fn locate(device: &str, mount: &Path, len: usize, seed: u64) -> Result<(Stri
     Ok((detail, located))
 }
 
+/// The lease kinds `/proc/locks` lists for inode `ino`, in order, from
+/// lines such as `1: LAYOUT ACTIVE READ 123 fe:00:131 0 EOF`.
+pub fn leases_on(proc_locks: &str, ino: u64) -> Vec<String> {
+    proc_locks
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            // "N:" kind state type pid maj:min:ino start end ("->" lines are waiters).
+            let kind = *w.get(1)?;
+            let dev_ino = w.iter().find(|x| x.matches(':').count() == 2)?;
+            let i: u64 = dev_ino.rsplit(':').next()?.parse().ok()?;
+            (i == ino && matches!(kind, "LAYOUT" | "LEASE" | "DELEG")).then(|| kind.to_string())
+        })
+        .collect()
+}
+
+/// `check_locks`: the leases `/proc/locks` shows on `file` are `expect`.
+pub fn check_locks(file: &Path, expect: &[String]) -> Result<String, StepError> {
+    let ino = std::fs::metadata(file).map_err(|e| io(e, format!("stat({})", file.display())))?;
+    let ino = std::os::unix::fs::MetadataExt::ino(&ino);
+    let text = std::fs::read_to_string("/proc/locks").map_err(|e| io(e, "read /proc/locks".into()))?;
+    let got = leases_on(&text, ino);
+    let shown: Vec<&str> =
+        text.lines().filter(|l| l.split_whitespace().any(|w| w.ends_with(&format!(":{ino}")))).collect();
+    let shown = if shown.is_empty() { "no line for it".to_string() } else { shown.join(" | ") };
+    if got == expect {
+        Ok(format!("/proc/locks on {} (inode {ino}): {got:?}: '{shown}'", file.display()))
+    } else {
+        Err(StepError::mismatch(format!(
+            "mismatch: /proc/locks on {} (inode {ino}) shows {got:?}, expected {expect:?}: '{shown}'",
+            file.display()
+        )))
+    }
+}
+
 /// `XFS_IOC_SWAPEXT`: `_IOWR('X', 109, struct xfs_swapext)` (192 bytes).
 const XFS_IOC_SWAPEXT: libc::c_ulong = 0xC0C0_586D;
 /// `XFS_IOC_FSBULKSTAT_SINGLE`: `_IOWR('X', 102, struct xfs_fsop_bulkreq)`.
@@ -397,6 +432,15 @@ pub fn sysctl(name: &str, value: &str) -> Result<(String, String), StepError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proc_locks_lines() {
+        let t = "1: LAYOUT ACTIVE    READ 123 fe:00:131 0 EOF\n2: POSIX  ADVISORY  WRITE 9 fe:00:131 0 EOF\n\
+                 3: LEASE  BREAKING  READ 7 fe:00:99 0 EOF\n3: -> LEASE  BREAKER   UNLCK 8 fe:00:99 0 EOF\n";
+        assert_eq!(leases_on(t, 131), vec!["LAYOUT"]);
+        assert_eq!(leases_on(t, 99), vec!["LEASE"]);
+        assert!(leases_on(t, 5).is_empty());
+    }
 
     #[test]
     fn fiemap_of_a_real_file() {

@@ -332,6 +332,14 @@ pub enum Action {
         /// The byte it was created with.
         byte: u8,
     },
+    /// Read `/proc/locks`: `ok` when the leases on the scenario's file are
+    /// exactly `expect` (their kinds as /proc/locks names them: `LAYOUT`,
+    /// `LEASE`, `DELEG`; empty = none), `mismatch` otherwise.
+    CheckLocks {
+        /// Expected lease kinds on the file, e.g. `[LAYOUT]`.
+        #[serde(default)]
+        expect: Vec<String>,
+    },
     /// `XFS_IOC_SWAPEXT` (what `xfs_fsr` does): swap all extents of the
     /// scenario's file with those of `with` (same size), both opened
     /// read-write by this process. `ENOTTY` on filesystems other than xfs.
@@ -384,6 +392,7 @@ impl Action {
             Action::CheckFile { .. } => "check_file",
             Action::Locate { .. } => "locate",
             Action::SwapExt { .. } => "swapext",
+            Action::CheckLocks { .. } => "check_locks",
         }
     }
 }

@@ -126,6 +126,11 @@ pub enum GuestEvent {
         outcome: StepOutcome,
         /// What the kernel said and what was observed, for people.
         detail: String,
+        /// What a `locate` step saw, so that `--explain` can say where the
+        /// NIC's bytes are as the step ends (the host adds its own scan
+        /// before it hands the event on).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        located: Option<Box<crate::results::Located>>,
     },
     /// A `locate` step found the scenario's pattern on the namespace and
     /// waits for the host to search the NVDIMM backing file for it too. The
@@ -197,7 +202,7 @@ impl fmt::Display for GuestEvent {
         match self {
             GuestEvent::RunnerStarted => f.write_str("runner started"),
             GuestEvent::ScenarioStarted { id, title } => write!(f, "{id} {title}"),
-            GuestEvent::StepFinished { id, index, by, name, outcome, detail } => {
+            GuestEvent::StepFinished { id, index, by, name, outcome, detail, .. } => {
                 write!(f, "{id} step {} [{}] {name}: {outcome}", index + 1, by.name())?;
                 if !detail.is_empty() {
                     write!(f, " ({detail})")?;
@@ -272,6 +277,7 @@ mod tests {
                 name: "truncate".into(),
                 outcome: StepOutcome::Errno("ETXTBSY".into()),
                 detail: "truncate(/mnt/pmem/S05.dat, 0)\nbusy".into(),
+                located: None,
             },
             GuestEvent::StepFinished {
                 id: "S05".into(),
@@ -280,6 +286,25 @@ mod tests {
                 name: "verify".into(),
                 outcome: StepOutcome::Mismatch,
                 detail: String::new(),
+                located: None,
+            },
+            GuestEvent::StepFinished {
+                id: "S20".into(),
+                index: 7,
+                by: Proc::Other,
+                name: "locate".into(),
+                outcome: StepOutcome::Ok,
+                detail: "512 blocks".into(),
+                located: Some(Box::new(crate::results::Located {
+                    device: "/dev/pmem0".into(),
+                    device_bytes: 1 << 30,
+                    nvdimm_offset: Some(0x20_0000),
+                    seed: 7,
+                    region_blocks: 512,
+                    nic: vec![crate::results::Run { start: 100, len: 512 }],
+                    owners: [("victim.dat".to_string(), vec![crate::results::Run { start: 0, len: 4096 }])].into(),
+                    host: None,
+                })),
             },
             GuestEvent::BenchSample { key: "reg".into(), samples: 2, value: Some(1.5), unit: "ms".into(), error: None },
             GuestEvent::Done { rc: 0 },

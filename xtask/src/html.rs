@@ -28,7 +28,9 @@ table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding
 th{background:#f3f3f3;text-align:left}.ok{background:#e6f6e6}.bad{background:#fbe3e3;font-weight:bold}\
 .none{color:#999;background:#fafafa}code,.mono{font-family:ui-monospace,monospace;font-size:.92em}\
 .small{font-size:.85em;color:#555}details{margin:.2em 0}.proc{font-weight:600}.shows{font-style:italic}\
-.summary{font-size:1.1em;padding:.5em .8em;border-radius:4px}.pass{background:#e6f6e6}.fail{background:#fbe3e3}";
+.summary{font-size:1.1em;padding:.5em .8em;border-radius:4px}.pass{background:#e6f6e6}.fail{background:#fbe3e3}\
+figure.blockmap{margin:1em 0 1.4em}figure.blockmap svg{max-width:100%;height:auto;display:block}\
+.maplabel{margin:.2em 0}figcaption{font-weight:600;margin-top:.2em}";
 
 fn cell<'a>(r: &'a RunResults, id: &str, flavor: Flavor, fs: Fs) -> Option<&'a CellResult> {
     r.results.iter().find(|c| c.scenario == id && c.flavor == flavor && c.fs == fs)
@@ -137,6 +139,7 @@ fn scenarios(s: &mut String, r: &RunResults) {
         if !sp.reference.is_empty() {
             let _ = writeln!(s, "<p class=\"small\"><b>From the 2019 discussion:</b> {}</p>", esc(sp.reference.trim()));
         }
+        block_maps(s, r, &sp.id);
         let procs: Vec<Proc> = {
             let mut v: Vec<Proc> = sp.steps.iter().map(|(_, by)| *by).collect();
             v.sort();
@@ -207,6 +210,55 @@ fn scenarios(s: &mut String, r: &RunResults) {
         }
         s.push_str("</section>\n");
     }
+}
+
+/// Where each cell's `locate` steps found the NIC's bytes: a block map per
+/// step (when the record has the blocks) with the sentence every report says.
+fn block_maps(s: &mut String, r: &RunResults, id: &str) {
+    let mut figs = String::new();
+    for c in r.results.iter().filter(|c| c.scenario == id) {
+        for (i, sentence) in crate::report::nic_findings(c) {
+            let st = &c.steps[i];
+            let label = format!("{} / {} · step {}: {}", c.flavor, c.fs, i + 1, st.name);
+            let Some(l) = &st.located else {
+                let _ = writeln!(
+                    figs,
+                    "<p class=\"maplabel\"><b>{}</b><br>{} <span class=\"small\">(this record has no block list, so no picture)</span></p>",
+                    esc(&label),
+                    esc(&sentence)
+                );
+                continue;
+            };
+            let _ = writeln!(
+                figs,
+                "<figure class=\"blockmap\" data-map=\"{}/{}/{}/{}\"><p class=\"maplabel\"><b>{}</b></p>\n{}\n<figcaption>{}</figcaption></figure>",
+                esc(id),
+                c.flavor,
+                c.fs,
+                i + 1,
+                esc(&label),
+                crate::blockmap::svg(id, l, &format!("Block map of {}, {label}. {sentence}", l.device)),
+                esc(&sentence)
+            );
+        }
+    }
+    if figs.is_empty() {
+        return;
+    }
+    if !figs.contains("<figure") {
+        let _ = write!(s, "<h4>Where the NIC's bytes landed</h4>\n{figs}");
+        return;
+    }
+    let _ = write!(
+        s,
+        "<h4>Where the NIC's bytes landed, block by block</h4>\n<p class=\"small\">Each picture is the fsdax namespace as \
+         the guest read it raw after the step: every 4 KiB block colored by the file that owns it (FIEMAP; light grey: \
+         free). The top strip is the whole device; the box on it is the part zoomed in below, where each cell stands \
+         for a few blocks and takes the color of the file owning most of them. Red marks the blocks that carry the \
+         NIC's bytes (the client's RDMA WRITE pattern); the thin lane under the zoom is what the host found in the \
+         NVDIMM's backing file on its own; the blue bracket shows the blocks of the file the scenario registered with \
+         the NIC. Hover a part for its block numbers.</p>\n{figs}"
+    );
 }
 
 /// The boots: kernel, timings, fsck, selftests, problems.

@@ -3,6 +3,7 @@
 
 mod apt;
 mod bench;
+mod blockmap;
 mod clean;
 mod cleanup;
 mod console;

@@ -198,6 +198,19 @@ fn cell_fs(spec: &ScenarioDoc, fs: Fs) -> String {
     }
 }
 
+/// A cell's `locate` steps that found something: step index and the
+/// sentence on where the NIC's bytes are ([`crate::blockmap::nic_sentence`]).
+pub fn nic_findings(c: &CellResult) -> Vec<(usize, String)> {
+    c.steps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, st)| {
+            let p = st.located.as_ref().map(|l| l.placement()).or_else(|| st.placement.clone())?;
+            Some((i, crate::blockmap::nic_sentence(&c.scenario, &p, st.located.as_ref())))
+        })
+        .collect()
+}
+
 /// The terminal table: scenario rows × (stock, patched) × (ext4, xfs)
 /// columns, each cell ✓/✗ with the errno actually observed (and, when it
 /// disagrees, the expected one), then the one line each scenario shows.
@@ -231,16 +244,12 @@ pub fn table(r: &RunResults) -> String {
         }
         let _ = writeln!(s);
         let _ = writeln!(s, "     {}", spec.shows);
-        // Where the NIC's bytes were found (the last locate step of each cell).
+        // Where the NIC's bytes were found, at each locate step of each cell.
         for c in r.results.iter().filter(|c| c.scenario == spec.id) {
-            if let Some(p) = c.steps.iter().rev().find_map(|st| st.placement.as_ref()) {
-                let _ = writeln!(
-                    s,
-                    "     {}/{}: the NIC's bytes are in {}",
-                    c.flavor,
-                    cell_fs(spec, c.fs),
-                    pinlab_scenarios::results::placement_text(p)
-                );
+            let found = nic_findings(c);
+            for (i, sentence) in &found {
+                let at = if found.len() > 1 { format!(" at step {}", i + 1) } else { String::new() };
+                let _ = writeln!(s, "     {}/{}{at}: {sentence}", c.flavor, cell_fs(spec, c.fs));
             }
         }
         for c in r.results.iter().filter(|c| c.scenario == spec.id && !c.pass) {
@@ -365,6 +374,9 @@ pub fn markdown(r: &RunResults) -> String {
                 );
             }
             let _ = writeln!(s);
+            for (i, sentence) in nic_findings(c) {
+                let _ = writeln!(s, "Where the NIC's bytes are after step {}: {sentence}\n", i + 1);
+            }
         }
     }
     s
@@ -374,13 +386,10 @@ pub fn markdown(r: &RunResults) -> String {
 mod tests {
     use super::*;
 
-    /// The reports of a saved run (a real `cargo xtask run demo`, its
-    /// `results.json` in `xtask/tests/fixtures/`) must come out as saved.
-    /// `PINLAB_BLESS=1 cargo test -p xtask` rewrites the expected files
-    /// after a deliberate change to the rendering.
-    #[test]
-    fn reports_render_from_a_saved_results_json() {
-        let dir = crate::util::project_root().join("xtask/tests/fixtures");
+    /// Render a saved run's reports (its `results.json` in `dir`) and compare
+    /// them with the saved ones; `PINLAB_BLESS=1 cargo test -p xtask`
+    /// rewrites them after a deliberate change to the rendering.
+    fn reports_render_as_saved(dir: &Path) -> RunResults {
         let r = RunResults::load(&dir.join("results.json")).unwrap();
         let bless = std::env::var_os("PINLAB_BLESS").is_some();
         let mut files = files(&r);
@@ -398,8 +407,56 @@ mod tests {
                 p.display()
             );
         }
+        r
+    }
+
+    /// The reports of a saved run (a real `cargo xtask run demo`, its
+    /// `results.json` in `xtask/tests/fixtures/`) must come out as saved. Its
+    /// locate steps predate the block lists: the reports say where the NIC's
+    /// bytes are without a picture.
+    #[test]
+    fn reports_render_from_a_saved_results_json() {
+        let r = reports_render_as_saved(&crate::util::project_root().join("xtask/tests/fixtures"));
         // The saved run is a whole demo: three flavors, both filesystems.
         assert!(r.results.len() > 60, "{}", r.results.len());
         assert!(r.boots.iter().any(|b| !b.noticed.is_empty()), "no expected splat in the fixture");
+    }
+
+    /// A real run of S19 and S20 on hazard and patched (ext4) whose locate
+    /// steps carry the blocks, their owners and the host's scan
+    /// (`xtask/tests/fixtures/located/`): the block maps and their captions.
+    #[test]
+    fn block_maps_render_from_a_saved_results_json() {
+        let dir = crate::util::project_root().join("xtask/tests/fixtures/located");
+        let r = reports_render_as_saved(&dir);
+        let html = crate::html::render(&r);
+        // One picture per locate step with blocks: S19 has two, S20 one, on two kernels.
+        assert_eq!(html.matches("<figure class=\"blockmap\"").count(), 6);
+        assert!(html.contains("data-map=\"S20/hazard/ext4/8\""));
+        assert!(html.contains(
+            "<figcaption>The NIC&#39;s 2 MiB (512 blocks) are inside victim.dat; the host&#39;s scan of the NVDIMM agrees.</figcaption>"
+        ));
+        assert!(html.contains(
+            "<figcaption>The NIC&#39;s 2 MiB (512 blocks) are inside S20.dat, where they belong; the host&#39;s scan of the NVDIMM agrees.</figcaption>"
+        ));
+        let table = table(&r);
+        assert!(table.contains(
+            "hazard/ext4: The NIC's 2 MiB (512 blocks) are inside victim.dat; the host's scan of the NVDIMM agrees."
+        ));
+        assert!(table.contains("hazard/ext4 at step 9: The NIC's 2 MiB (512 blocks) are in free blocks"));
+        // What the Chromium check looks for, on this page as Chromium would
+        // serialize it (quotes in text unescaped).
+        let dom = html.replace("&#39;", "'").replace("&quot;", "\"");
+        assert_eq!(crate::test::dom_problems(&dom, &r), Vec::<String>::new());
+        // And what it finds missing when a picture or its caption is gone.
+        let no_svg = dom.replacen("<svg class=\"blockmap\"", "<div class=\"x\"", 1);
+        assert!(!crate::test::dom_problems(&no_svg, &r).is_empty());
+        let no_caption = dom.replace("are inside victim.dat;", "are somewhere;");
+        assert_eq!(
+            crate::test::dom_problems(&no_caption, &r).len(),
+            1,
+            "{:?}",
+            crate::test::dom_problems(&no_caption, &r)
+        );
     }
 }

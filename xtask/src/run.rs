@@ -305,7 +305,7 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
                 }
             }
         }
-        BootEvent::Guest(GuestEvent::StepFinished { id, index, by, name, outcome, detail }) if explain => {
+        BootEvent::Guest(GuestEvent::StepFinished { id, index, by, name, outcome, detail, located }) if explain => {
             let expected = mine
                 .iter()
                 .find(|s| &s.id == id)
@@ -316,6 +316,9 @@ fn run_boot(ctx: &BootCtx<'_>, k: &kernel::Kernel, fs: Fs) -> Result<(Vec<CellRe
             ui::line(&pb, format!("    [{}] {name} → {outcome} (expected {expected} {mark})", by.name()));
             if !detail.is_empty() {
                 ui::line(&pb, format!("        {detail}"));
+            }
+            if let Some(l) = located {
+                ui::line(&pb, format!("        {}", crate::blockmap::nic_sentence(id, &l.placement(), Some(l))));
             }
         }
         BootEvent::Guest(GuestEvent::RunnerStarted) => pb.set_message(format!("{label}: runner started")),

@@ -100,7 +100,8 @@ const CHROMIUM_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60
 
 /// Render `report.html` in headless Chromium: keep a screenshot in the run
 /// dir, and check the DOM Chromium built has the matrix with a row per
-/// scenario and a cell per result.
+/// scenario and a cell per result, and a captioned block map per `locate`
+/// step.
 fn check_report_in_browser(run_dir: &std::path::Path) -> Result<bool> {
     let html = run_dir.join("report.html").canonicalize().context("no report.html in the latest run")?;
     let url = format!("file://{}", html.display());
@@ -138,14 +139,15 @@ fn check_report_in_browser(run_dir: &std::path::Path) -> Result<bool> {
     }
     eprintln!(
         "report.html rendered in Chromium: {} (screenshot {})",
-        if problems.is_empty() { "matrix complete" } else { "PROBLEMS" },
+        if problems.is_empty() { "matrix and block maps complete" } else { "PROBLEMS" },
         run_dir.join("report.png").display()
     );
     Ok(problems.is_empty())
 }
 
 /// What is missing from the rendered DOM: the matrix table, a row per
-/// scenario in results.json, and as many ✓/✗ cells as results.
+/// scenario in results.json, as many ✓/✗ cells as results, and the block
+/// maps.
 pub fn dom_problems(dom: &str, results: &crate::report::RunResults) -> Vec<String> {
     let mut p = Vec::new();
     let Some(start) = dom.find("id=\"matrix\"") else {
@@ -165,12 +167,59 @@ pub fn dom_problems(dom: &str, results: &crate::report::RunResults) -> Vec<Strin
     if marks != cells.len() {
         p.push(format!("the matrix shows {marks} result cells, results.json has {}", cells.len()));
     }
+    p.extend(block_map_problems(dom, results));
+    p
+}
+
+/// What is missing of the block maps: for every `locate` step with blocks in
+/// results.json, a figure holding an SVG with colored parts and their
+/// titles, captioned with the sentence on where the NIC's bytes are.
+fn block_map_problems(dom: &str, results: &crate::report::RunResults) -> Vec<String> {
+    // How Chromium serializes text: only &, < and > are escaped.
+    let text = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let mut p = Vec::new();
+    for c in &results.results {
+        for (i, sentence) in crate::report::nic_findings(c) {
+            if c.steps[i].located.is_none() {
+                continue;
+            }
+            let key = format!("{}/{}/{}/{}", c.scenario, c.flavor, c.fs, i + 1);
+            let Some(at) = dom.find(&format!("data-map=\"{key}\"")) else {
+                p.push(format!("no block map for {key}"));
+                continue;
+            };
+            let fig = &dom[at..dom[at..].find("</figure>").map(|e| at + e).unwrap_or(dom.len())];
+            for part in ["<svg", "<rect", "<title>", "<figcaption>"] {
+                if !fig.contains(part) {
+                    p.push(format!("the block map for {key} has no {part}"));
+                }
+            }
+            if !fig.contains(&text(&sentence)) {
+                p.push(format!("the block map for {key} is not captioned \"{sentence}\""));
+            }
+        }
+    }
     p
 }
 
 #[cfg(test)]
 mod tests {
     use super::dom_problems;
+
+    /// The browser check for real, on the saved run with block maps
+    /// (`cargo test -p xtask -- --ignored chromium`; `cargo xtask test` runs
+    /// the same check on every run it makes).
+    #[test]
+    #[ignore = "starts headless Chromium"]
+    fn chromium_renders_the_block_maps_of_the_saved_run() {
+        let fixture = crate::util::project_root().join("xtask/tests/fixtures/located");
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["results.json", "report.html"] {
+            fs_err::copy(fixture.join(f), dir.path().join(f)).unwrap();
+        }
+        assert!(super::check_report_in_browser(dir.path()).unwrap());
+        assert!(dir.path().join("report.png").is_file());
+    }
 
     #[test]
     fn dom_check() {

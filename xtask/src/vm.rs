@@ -485,7 +485,7 @@ pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
             Ok(line) => {
                 lineno += 1;
                 writeln!(console, "{line}").with_context(|| format!("Failed to write {}", console_path.display()))?;
-                if let Some(ev) = GuestEvent::parse(&line) {
+                if let Some(mut ev) = GuestEvent::parse(&line) {
                     match &ev {
                         GuestEvent::RunnerStarted => {
                             to_runner.get_or_insert(t0.elapsed());
@@ -517,6 +517,13 @@ pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
                             answer_locate(&share, token)?;
                         }
                         GuestEvent::BenchStarted | GuestEvent::BenchSample { .. } => {}
+                    }
+                    // A locate step's event carries what the host saw too, as
+                    // its record in the results will.
+                    if let GuestEvent::StepFinished { id, index, located: Some(l), .. } = &mut ev {
+                        if let Some(scan) = host_scans.get(&(id.clone(), *index)) {
+                            l.host = Some(scan.clone());
+                        }
                     }
                     last_progress = Instant::now();
                     (spec.on_event)(&BootEvent::Guest(ev));

@@ -703,6 +703,7 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
             name: rec.name.clone(),
             outcome: rec.outcome.clone(),
             detail: rec.detail.clone(),
+            located: rec.located.clone().map(Box::new),
         }
         .emit();
         let still_sleeping = st.may_block && rec.outcome == StepOutcome::Blocked;

@@ -8,7 +8,7 @@
 
 use crate::region::Region;
 use crate::StepError;
-use pinlab_scenarios::plan::pattern_block_index;
+use pinlab_scenarios::plan::{pattern_block_index, CloneKind};
 use pinlab_scenarios::results::{blocks_in, placement_text, runs_of, Located};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -216,6 +216,61 @@ pub fn check_locks(file: &Path, expect: &[String]) -> Result<String, StepError> 
             file.display()
         )))
     }
+}
+
+const FICLONE: libc::c_ulong = 0x4004_9409;
+const FICLONERANGE: libc::c_ulong = 0x4020_940D;
+const FIDEDUPERANGE: libc::c_ulong = 0xC018_9436;
+/// The length `FICLONERANGE` and `FIDEDUPERANGE` share.
+const CLONE_LEN: u64 = 2 << 20;
+
+/// `clone`: share `from`'s blocks with `to` with one of the reflink ioctls.
+pub fn clone(kind: CloneKind, from: &Path, to: &Path) -> Result<String, StepError> {
+    let open = |p: &Path| {
+        OpenOptions::new().read(true).write(true).open(p).map_err(|e| io(e, format!("open({}, O_RDWR)", p.display())))
+    };
+    let (src, dst) = (open(from)?, open(to)?);
+    let what = format!("ioctl({}, {}, {})", to.display(), kind.name(), from.display());
+    let t = std::time::Instant::now();
+    let rc = match kind {
+        // SAFETY: FICLONE takes the source descriptor as its argument.
+        CloneKind::Ficlone => unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE as _, src.as_raw_fd()) },
+        CloneKind::Ficlonerange => {
+            // struct file_clone_range: src_fd, src_offset, src_length, dest_offset.
+            let range: [u64; 4] = [src.as_raw_fd() as u64, 0, CLONE_LEN, 0];
+            // SAFETY: `range` is a struct file_clone_range that the kernel
+            // only reads, alive across the call.
+            unsafe { libc::ioctl(dst.as_raw_fd(), FICLONERANGE as _, range.as_ptr()) }
+        }
+        CloneKind::Dedupe => {
+            // struct file_dedupe_range (src_offset, src_length, dest_count,
+            // 2 reserved) + one file_dedupe_range_info (dest_fd,
+            // dest_offset, bytes_deduped, status, reserved).
+            let mut buf = [0u64; 3 + 4];
+            buf[1] = CLONE_LEN;
+            buf[2] = 1; // dest_count = 1 (u16), reserved = 0
+            buf[3] = dst.as_raw_fd() as u64;
+            // SAFETY: `buf` is a file_dedupe_range with room for the one
+            // info record it announces; the kernel writes only that record.
+            let rc = unsafe { libc::ioctl(src.as_raw_fd(), FIDEDUPERANGE as _, buf.as_mut_ptr()) };
+            if rc == 0 {
+                let status = (buf[6] & 0xffff_ffff) as u32 as i32;
+                return match status {
+                    0 => Ok(format!("{what}: {} bytes deduplicated in {} us", buf[5], t.elapsed().as_micros())),
+                    1 => Err(StepError::mismatch(format!("{what}: FILE_DEDUPE_RANGE_DIFFERS (the data differs)"))),
+                    e if e < 0 => {
+                        Err(StepError::errno(-e, format!("{what}: status {}", nix::errno::Errno::from_raw(-e))))
+                    }
+                    other => Err(StepError::other(format!("{what}: unknown status {other}"))),
+                };
+            }
+            rc
+        }
+    };
+    if rc < 0 {
+        return Err(StepError::last_os(what));
+    }
+    Ok(format!("{what} = 0 in {} us", t.elapsed().as_micros()))
 }
 
 /// `XFS_IOC_SWAPEXT`: `_IOWR('X', 109, struct xfs_swapext)` (192 bytes).

@@ -180,6 +180,10 @@ impl Worker {
             Action::CheckLease { is } => self.check_lease(*is),
             Action::Truncate { size, via } => self.truncate(size.0, *via),
             Action::Fallocate { mode, offset, len } => self.fallocate(*mode, offset.0, len.0),
+            Action::Clone { kind, from, to } => {
+                let path = |n: &str| if n == "SELF" { self.ctx.file(0) } else { Path::new(PMEM_MNT).join(n) };
+                crate::oracle::clone(*kind, &path(from), &path(to))
+            }
             Action::CheckLocks { expect } => crate::oracle::check_locks(&self.ctx.file(0), expect),
             Action::SwapExt { with } => crate::oracle::swapext(&self.ctx.file(0), &Path::new(PMEM_MNT).join(with)),
             Action::Write { offset, len } => self.write(offset.0, len.0),

@@ -166,6 +166,30 @@ impl FallocMode {
     }
 }
 
+/// How `clone` shares blocks between two files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloneKind {
+    /// `ioctl(to, FICLONE, from)`: the whole file.
+    Ficlone,
+    /// `ioctl(to, FICLONERANGE, {from, 0, 2 MiB, 0})`.
+    Ficlonerange,
+    /// `ioctl(from, FIDEDUPERANGE, {0, 2 MiB, to, 0})`: the kernel's answer
+    /// is the per-destination status (an errno, or "the data differs").
+    Dedupe,
+}
+
+impl CloneKind {
+    /// The ioctl's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CloneKind::Ficlone => "FICLONE",
+            CloneKind::Ficlonerange => "FICLONERANGE",
+            CloneKind::Dedupe => "FIDEDUPERANGE",
+        }
+    }
+}
+
 /// How a truncation reaches the file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -332,6 +356,17 @@ pub enum Action {
         /// The byte it was created with.
         byte: u8,
     },
+    /// Share the blocks of `from` with `to` (reflink), both files on the
+    /// mount opened read-write by this process; `SELF` names the scenario's
+    /// file. `EOPNOTSUPP` where the filesystem cannot share blocks.
+    Clone {
+        /// Which ioctl.
+        kind: CloneKind,
+        /// Source file name, e.g. `S25-lo.dat` or `SELF`.
+        from: String,
+        /// Destination file name.
+        to: String,
+    },
     /// Read `/proc/locks`: `ok` when the leases on the scenario's file are
     /// exactly `expect` (their kinds as /proc/locks names them: `LAYOUT`,
     /// `LEASE`, `DELEG`; empty = none), `mismatch` otherwise.
@@ -393,6 +428,7 @@ impl Action {
             Action::Locate { .. } => "locate",
             Action::SwapExt { .. } => "swapext",
             Action::CheckLocks { .. } => "check_locks",
+            Action::Clone { .. } => "clone",
         }
     }
 }

@@ -12,8 +12,8 @@ use nix::unistd::Pid;
 use pinlab_demos::region::Region;
 use pinlab_demos::worker::{self, pidfd_open, recv_line, reply, send, wait_readable, Context, Worker};
 use pinlab_demos::StepError;
-use pinlab_scenarios::bench::Figure;
-use pinlab_scenarios::plan::{Action, DaxMode, Plan, PlannedScenario, PlannedStep, Proc};
+use pinlab_scenarios::bench::{key, Figure};
+use pinlab_scenarios::plan::{Action, DaxMode, Plan, PlannedScenario, PlannedStep, Proc, Size, Target};
 use pinlab_scenarios::protocol::worker::{Hello, Reply, Request};
 use pinlab_scenarios::protocol::{GuestEvent, StepOutcome, GUEST_SHARE, HOST_SCAN_DIR};
 use pinlab_scenarios::results::{parse_tap, BootResults, ScenarioResult, SelftestResult, StepResult, TapOutcome};
@@ -722,6 +722,84 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
     ScenarioResult { id: sc.id.clone(), steps, ms: t0.elapsed().as_secs_f64() * 1000.0, isolation }
 }
 
+/// The bench's empty scenario: the holder maps 4 KiB of anonymous memory.
+fn empty_scenario() -> PlannedScenario {
+    PlannedScenario {
+        id: "B00".into(),
+        title: "empty scenario (bench: the runner's per-scenario overhead)".into(),
+        steps: vec![PlannedStep {
+            name: "map 4 KiB of anonymous memory".into(),
+            action: Action::Map { target: Target::Anon, size: Size(4096), files: 1 },
+            by: Proc::Holder,
+            probe: false,
+            may_block: false,
+        }],
+    }
+}
+
+/// `reps` empty scenarios through [`run_scenario`]: their wall time minus the
+/// step's ([`key::SCENARIO_OVERHEAD`]); then as many through the pieces of
+/// [`Scene`], timing the holder's start and the tear-down.
+fn bench_overhead(lab: &Lab, reps: u32, progress: &mut dyn FnMut(&Figure)) -> Vec<Figure> {
+    let fig = |key: &str, what: &str| Figure {
+        key: key.into(),
+        what: what.into(),
+        unit: "ms".into(),
+        samples: Vec::new(),
+        error: None,
+    };
+    let mut overhead = fig(
+        key::SCENARIO_OVERHEAD,
+        "an empty scenario (holder started, one 4 KiB anonymous map, workers exit, isolation check), minus its step",
+    );
+    let mut start = fig(key::WORKER_START, "start the holder until its hello arrived");
+    let mut finish = fig(key::SCENARIO_FINISH, "tear-down: workers exit, isolation check, files removed");
+    let sc = empty_scenario();
+    for _ in 0..reps {
+        let r = run_scenario(lab, &sc);
+        let steps: f64 = r.steps.iter().map(|s| s.ms).sum();
+        match (&r.isolation, r.steps.iter().find(|s| !s.outcome.is_ok())) {
+            (Some(i), _) => overhead.error = Some(format!("isolation: {i}")),
+            (None, Some(s)) => overhead.error = Some(format!("{}: {} {}", s.name, s.outcome, s.detail)),
+            (None, None) => overhead.samples.push(r.ms - steps),
+        }
+        progress(&overhead);
+        if overhead.error.is_some() {
+            break;
+        }
+    }
+    for _ in 0..reps {
+        let pieces = Scene::new(lab, &sc.id).and_then(|mut scene| {
+            let t = Instant::now();
+            scene.spawn(Proc::Holder)?;
+            let started = t.elapsed();
+            let rep = scene.step(&sc.steps[0]);
+            if !rep.outcome.is_ok() {
+                return Err(StepError::other(format!("{}: {} {}", sc.steps[0].name, rep.outcome, rep.detail)));
+            }
+            let t = Instant::now();
+            scene.finish().map_err(StepError::other)?;
+            Ok((started, t.elapsed()))
+        });
+        match pieces {
+            Ok((s, f)) => {
+                start.samples.push(s.as_secs_f64() * 1e3);
+                finish.samples.push(f.as_secs_f64() * 1e3);
+            }
+            Err(e) => {
+                start.error = Some(e.to_string());
+                finish.error = Some(e.to_string());
+            }
+        }
+        progress(&start);
+        progress(&finish);
+        if start.error.is_some() {
+            break;
+        }
+    }
+    vec![overhead, start, finish]
+}
+
 /// Run every kselftest binary in `dir` on the DAX mount and turn its TAP
 /// lines into results: `ok`, `skip` (`ok … # SKIP`) or `fail` (`not ok`,
 /// or a program that could not run or exited with a failure).
@@ -834,7 +912,9 @@ fn main() {
                 .emit();
             }
         };
-        res.bench = Some(pinlab_demos::bench::run(bp, &mut progress));
+        let mut b = pinlab_demos::bench::run(bp, &mut progress);
+        b.figures.extend(bench_overhead(&lab, bp.scenario_reps, &mut progress));
+        res.bench = Some(b);
         write_results(&out, &res);
     }
     for sc in &plan.scenarios {

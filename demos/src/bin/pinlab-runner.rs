@@ -185,7 +185,21 @@ struct Live {
     pidfd: OwnedFd,
     stream: UnixStream,
     reader: BufReader<UnixStream>,
-    child: Option<std::process::Child>,
+    /// How the runner reaps it, if it is the runner's child.
+    reap: Option<Reap>,
+}
+
+/// A worker the runner started, to be reaped when it is gone.
+enum Reap {
+    /// Forked from the runner: `waitpid`.
+    Forked,
+    /// Started as `pinlab-runner --worker` (the runner had other threads).
+    Spawned(std::process::Child),
+}
+
+/// How many threads this process has (`/proc/self/task`).
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|rd| rd.count()).unwrap_or(usize::MAX)
 }
 
 /// One scenario's processes and the runner's own state (the `other` process).
@@ -267,7 +281,7 @@ impl<'a> Scene<'a> {
     }
 
     /// Accept the next worker's connection (at most 10 s) and check its hello.
-    fn accept(&mut self, role: Proc, child: Option<std::process::Child>) -> Result<(), StepError> {
+    fn accept(&mut self, role: Proc, reap: Option<Reap>) -> Result<(), StepError> {
         if !wait_readable(&self.listener, Duration::from_secs(10))? {
             return Err(StepError::other(format!("the {} did not connect within 10 s", role.name())));
         }
@@ -284,17 +298,53 @@ impl<'a> Scene<'a> {
             )));
         }
         let pidfd = pidfd_open(hello.pid)?;
-        self.procs.insert(role, Live { pid: hello.pid, pidfd, stream, reader, child });
+        self.procs.insert(role, Live { pid: hello.pid, pidfd, stream, reader, reap });
         Ok(())
     }
 
+    /// Start `role`'s worker process and wait for its hello. It is forked
+    /// from the runner, which has libibverbs and its provider loaded already
+    /// (exec'ing `pinlab-runner --worker` cost ~0.3 s per process under TCG);
+    /// only when the runner has another thread (a `may_block` call that never
+    /// returned) is it exec'd instead, as fork would copy that thread's locks.
     fn spawn(&mut self, role: Proc) -> Result<(), StepError> {
-        let child = Command::new("/usr/local/bin/pinlab-runner")
-            .args(["--worker", role.name(), "--scenario", &self.ctx.scenario, "--devdax", &self.ctx.devdax, "--ctl"])
-            .arg(&self.ctx.ctl)
-            .spawn()
-            .map_err(|e| StepError::other(format!("start the {}: {e}", role.name())))?;
-        self.accept(role, Some(child))
+        if thread_count() != 1 {
+            let child = Command::new("/usr/local/bin/pinlab-runner")
+                .args([
+                    "--worker",
+                    role.name(),
+                    "--scenario",
+                    &self.ctx.scenario,
+                    "--devdax",
+                    &self.ctx.devdax,
+                    "--ctl",
+                ])
+                .arg(&self.ctx.ctl)
+                .spawn()
+                .map_err(|e| StepError::other(format!("start the {}: {e}", role.name())))?;
+            return self.accept(role, Some(Reap::Spawned(child)));
+        }
+        // SAFETY: the runner is single-threaded here (checked just above, and
+        // nothing in it starts a thread behind our back), so the child may run
+        // ordinary Rust code. It never returns into the runner's code: it
+        // serves requests and leaves with _exit, also when it panics.
+        match unsafe { nix::unistd::fork() } {
+            Err(e) => Err(StepError::sys(e, format!("fork() for the {}", role.name()))),
+            Ok(nix::unistd::ForkResult::Child) => {
+                // Only stdio survives: nothing of the runner's (its control
+                // socket, pidfds, files) may stay open in a worker.
+                // SAFETY: close_range(2) takes integers and touches no memory;
+                // the Rust objects owning these fds are never used or dropped
+                // in this process.
+                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                let ctx = self.ctx.clone();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker::serve(role, ctx)));
+                // SAFETY: _exit ends this process at once, without running the
+                // runner's destructors or atexit handlers in the child.
+                unsafe { libc::_exit(101) }
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => self.accept(role, Some(Reap::Forked)),
+        }
     }
 
     /// Wait (pidfd) until `role`'s process is gone, at most `d`.
@@ -304,8 +354,14 @@ impl<'a> Scene<'a> {
         if !wait_readable(&live.pidfd, d)? {
             return Err(StepError::other(format!("the {} (pid {}) still runs after {d:?}", role.name(), live.pid)));
         }
-        if let Some(c) = live.child.as_mut() {
-            let _ = c.wait();
+        match live.reap.as_mut() {
+            Some(Reap::Spawned(c)) => {
+                let _ = c.wait();
+            }
+            Some(Reap::Forked) => {
+                let _ = nix::sys::wait::waitpid(Pid::from_raw(live.pid), None);
+            }
+            None => {}
         }
         Ok(format!("pid {} gone after {} ms", live.pid, t.elapsed().as_millis()))
     }
@@ -892,6 +948,14 @@ fn main() {
         println!("pinlab-runner: setup failed; no scenario can run");
         std::process::exit(1);
     };
+    // Workers are forked from here: load libibverbs and rxe's provider once.
+    let t = Instant::now();
+    match pinlab_demos::rdma::preload() {
+        Ok(devs) => {
+            println!("pinlab-runner: libibverbs loaded ({}) in {} ms", devs.join(", "), t.elapsed().as_millis())
+        }
+        Err(e) => println!("pinlab-runner: cannot preload libibverbs: {e:#}"),
+    }
     res.selftests = run_selftests(&Path::new(GUEST_SHARE).join("selftests"));
     write_results(&out, &res);
     if setup_only {

@@ -161,7 +161,9 @@ fn setup(fs: Fs, out: &mut Vec<StepResult>) -> Option<Lab> {
     step!(
         &format!("mkfs.{fs}"),
         match fs {
-            Fs::Ext4 => tool("mkfs.ext4", &["-q", "-F", &pmem]),
+            // `-T default`: under 512 MiB mke2fs picks its "small" type, 1 KiB
+            // blocks, which DAX refuses (it needs page-sized blocks).
+            Fs::Ext4 => tool("mkfs.ext4", &["-q", "-F", "-T", "default", &pmem]),
             Fs::Xfs => tool("mkfs.xfs", &["-q", "-f", &pmem]),
         }
         .map(|_| format!("{fs} on {pmem}"))

@@ -2,7 +2,8 @@
 //! guest measured. The figures are DESIGN.md's in-guest targets: registering
 //! an FS-DAX file under an unbreakable layout lease against anonymous memory,
 //! RDMA WRITE bandwidth into both, and how fast a layout change over pinned
-//! pages fails.
+//! pages fails, and what the guest runner spends on a scenario besides its
+//! steps.
 
 use serde::{Deserialize, Serialize};
 
@@ -18,11 +19,19 @@ pub struct BenchPlan {
     pub write_mib: u64,
     /// Repetitions of each failing truncate / hole punch.
     pub fail_reps: u32,
+    /// Repetitions of the empty scenario that measures the runner's
+    /// per-scenario overhead.
+    #[serde(default = "default_scenario_reps")]
+    pub scenario_reps: u32,
+}
+
+fn default_scenario_reps() -> u32 {
+    10
 }
 
 impl Default for BenchPlan {
     fn default() -> Self {
-        BenchPlan { reps: 5, reg_mib: 256, write_mib: 32, fail_reps: 50 }
+        BenchPlan { reps: 5, reg_mib: 256, write_mib: 32, fail_reps: 50, scenario_reps: default_scenario_reps() }
     }
 }
 
@@ -49,6 +58,14 @@ pub mod key {
     pub const PUNCH_FIRST: &str = "punch_pinned_first";
     /// Later `fallocate(PUNCH_HOLE)`s over pinned pages: must fail.
     pub const PUNCH_PINNED: &str = "punch_pinned";
+    /// What a scenario costs besides its steps: an empty scenario (the
+    /// holder started, one trivial step, torn down with the isolation
+    /// check), its wall time minus the step's.
+    pub const SCENARIO_OVERHEAD: &str = "scenario_overhead";
+    /// Part of it: starting the holder until it said hello.
+    pub const WORKER_START: &str = "worker_start";
+    /// Part of it: tearing the scenario down (workers exit, isolation check).
+    pub const SCENARIO_FINISH: &str = "scenario_finish";
 }
 
 /// One measured quantity.

@@ -366,6 +366,15 @@ pub fn table(b: &Bench) -> String {
             |x| fig_max(x, key::TRUNC_PINNED),
             us,
         ),
+        row(
+            "scenario overhead (empty scenario minus its step)",
+            boots,
+            Some((Target::AtMost(150.0), " ms")),
+            |x| fig_median(x, key::SCENARIO_OVERHEAD),
+            ms,
+        ),
+        row("  start the holder (until its hello)", boots, None, |x| fig_median(x, key::WORKER_START), ms),
+        row("  tear-down and isolation check", boots, None, |x| fig_median(x, key::SCENARIO_FINISH), ms),
     ];
     let w0 = rows.iter().map(|r| r.label.chars().count()).max().unwrap_or(0);
     let wc = rows.iter().flat_map(|r| r.cells.iter().map(|c| c.chars().count())).max().unwrap_or(0).max(12);
@@ -373,8 +382,8 @@ pub fn table(b: &Bench) -> String {
     let _ = writeln!(s, "{}", b.machine);
     let _ = writeln!(
         s,
-        "{} kernel; medians of {} runs ({} for the failing calls)\n",
-        b.flavor, b.plan.reps, b.plan.fail_reps
+        "{} kernel; medians of {} runs ({} for the failing calls, {} for the scenario overhead)\n",
+        b.flavor, b.plan.reps, b.plan.fail_reps, b.plan.scenario_reps
     );
     let _ = write!(s, "{:w0$}", "");
     for bb in boots {
@@ -460,6 +469,7 @@ mod tests {
                         fig(key::TRUNC_FIRST, &[5000.0], None),
                         fig(key::TRUNC_PINNED, &[10.0, 20.0, 30.0], None),
                         fig(key::PUNCH_PINNED, &[10.0, 2000.0], None),
+                        fig(key::SCENARIO_OVERHEAD, &[120.0, 90.0, 100.0], None),
                     ],
                 ),
                 boot(
@@ -495,6 +505,9 @@ mod tests {
         let slowest: Vec<&str> = t.lines().filter(|l| l.contains("later calls, slowest")).collect();
         assert!(slowest[0].ends_with('✗') && slowest[1].ends_with('✓'), "{t}");
         assert!(line("ftruncate over pins → ETXTBSY, first call").contains("5000 µs"), "{t}");
+        // 100 ms ≤ 150 ms; xfs did not measure it (not a failure).
+        let o = line("scenario overhead");
+        assert!(o.contains("100 ms") && o.contains("not measured") && o.ends_with('✓'), "{t}");
         assert!(t.contains("Not measured:") && t.contains("xfs reg_mr_fsdax_lease: fcntl"), "{t}");
     }
 

@@ -40,11 +40,17 @@ pub const PROGRAM: &str = "qemu-system-x86_64";
 
 /// Guest RAM. Enough for rxe, two 2 MiB MRs per process and mkfs.
 pub const RAM_MIB: u64 = 1024;
-/// The fsdax NVDIMM (namespace0.0 → /dev/pmem0). 1 GiB label-less: its
-/// region is exactly aligned (DESIGN.md, "Seen here").
-pub const PMEM_MIB: u64 = 1024;
-/// The devdax NVDIMM (namespace1.0 → /dev/dax1.0).
-pub const DEVDAX_MIB: u64 = 512;
+/// The fsdax NVDIMM (namespace0.0 → /dev/pmem0), label-less (its region is
+/// the whole NVDIMM, 2 MiB aligned). As small as the filesystems allow:
+/// xfsprogs refuses filesystems under 300 MiB, and the namespace also holds
+/// its own memmap (64 bytes per 4 KiB page). The bench registers 256 MiB
+/// files, which still fit. Everything that reads or fills the whole
+/// namespace (`locate`, S20's victim) costs time in proportion: under TCG
+/// 1 GiB took 5-7 s per raw read.
+pub const PMEM_MIB: u64 = 384;
+/// The devdax NVDIMM (namespace1.0 → /dev/dax1.0); S16 maps 2 MiB of it.
+/// Creating the namespace initialises its memmap, so small is quicker.
+pub const DEVDAX_MIB: u64 = 64;
 
 /// Everything one boot needs.
 #[derive(Clone, Debug)]
@@ -309,8 +315,8 @@ mod tests {
         assert!(a.contains("-accel tcg,thread=multi -cpu max"), "{a}");
         assert!(!a.contains("kvm"), "{a}");
         assert!(a.contains("-object memory-backend-memfd,id=mem,size=1024M,share=on -numa node,memdev=mem"), "{a}");
-        assert!(a.contains("memory-backend-file,id=nv0,share=on,mem-path=/t/pmem0.img,size=1024M -device nvdimm,id=nvdimm0,memdev=nv0"), "{a}");
-        assert!(a.contains("mem-path=/t/pmem1.img,size=512M"), "{a}");
+        assert!(a.contains("memory-backend-file,id=nv0,share=on,mem-path=/t/pmem0.img,size=384M -device nvdimm,id=nvdimm0,memdev=nv0"), "{a}");
+        assert!(a.contains("mem-path=/t/pmem1.img,size=64M"), "{a}");
         assert!(
             a.contains("-chardev socket,id=vfs0,path=/t/rootfs.sock -device vhost-user-fs-pci,chardev=vfs0,tag=rootfs"),
             "{a}"
@@ -361,8 +367,8 @@ mod tests {
         s.kernel = "/k,1/bzImage".into();
         let argv = args(&s);
         let a = joined(&argv);
-        assert!(a.contains("memory-backend-file,id=nv0,share=on,mem-path=/tmp/a,,b/pmem0.img,size=1024M"), "{a}");
-        assert!(a.contains("memory-backend-file,id=nv1,share=on,mem-path=/tmp/a b/pmem1.img,size=512M"), "{a}");
+        assert!(a.contains("memory-backend-file,id=nv0,share=on,mem-path=/tmp/a,,b/pmem0.img,size=384M"), "{a}");
+        assert!(a.contains("memory-backend-file,id=nv1,share=on,mem-path=/tmp/a b/pmem1.img,size=64M"), "{a}");
         assert!(a.contains("-chardev socket,id=vfs0,path=/tmp/a,,b/rootfs.sock -device"), "{a}");
         assert!(a.contains("-chardev socket,id=vfs1,path=/tmp/a b,,c/share.sock -device"), "{a}");
         // -kernel's argument is a whole path, not an option string.
@@ -373,6 +379,6 @@ mod tests {
     #[test]
     fn maxmem_covers_ram_and_nvdimms() {
         let a = joined(&memory_args());
-        assert!(a.contains("1024M,slots=4,maxmem=3584M"), "{a}");
+        assert!(a.contains("1024M,slots=4,maxmem=2496M"), "{a}");
     }
 }

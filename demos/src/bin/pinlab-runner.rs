@@ -12,8 +12,8 @@ use nix::unistd::Pid;
 use pinlab_demos::region::Region;
 use pinlab_demos::worker::{self, pidfd_open, recv_line, reply, send, wait_readable, Context, Worker};
 use pinlab_demos::StepError;
-use pinlab_scenarios::bench::Figure;
-use pinlab_scenarios::plan::{Action, DaxMode, Plan, PlannedScenario, PlannedStep, Proc};
+use pinlab_scenarios::bench::{key, Figure};
+use pinlab_scenarios::plan::{Action, DaxMode, Plan, PlannedScenario, PlannedStep, Proc, Size, Target};
 use pinlab_scenarios::protocol::worker::{Hello, Reply, Request};
 use pinlab_scenarios::protocol::{GuestEvent, StepOutcome, GUEST_SHARE, HOST_SCAN_DIR};
 use pinlab_scenarios::results::{parse_tap, BootResults, ScenarioResult, SelftestResult, StepResult, TapOutcome};
@@ -161,7 +161,9 @@ fn setup(fs: Fs, out: &mut Vec<StepResult>) -> Option<Lab> {
     step!(
         &format!("mkfs.{fs}"),
         match fs {
-            Fs::Ext4 => tool("mkfs.ext4", &["-q", "-F", &pmem]),
+            // `-T default`: under 512 MiB mke2fs picks its "small" type, 1 KiB
+            // blocks, which DAX refuses (it needs page-sized blocks).
+            Fs::Ext4 => tool("mkfs.ext4", &["-q", "-F", "-T", "default", &pmem]),
             Fs::Xfs => tool("mkfs.xfs", &["-q", "-f", &pmem]),
         }
         .map(|_| format!("{fs} on {pmem}"))
@@ -185,7 +187,21 @@ struct Live {
     pidfd: OwnedFd,
     stream: UnixStream,
     reader: BufReader<UnixStream>,
-    child: Option<std::process::Child>,
+    /// How the runner reaps it, if it is the runner's child.
+    reap: Option<Reap>,
+}
+
+/// A worker the runner started, to be reaped when it is gone.
+enum Reap {
+    /// Forked from the runner: `waitpid`.
+    Forked,
+    /// Started as `pinlab-runner --worker` (the runner had other threads).
+    Spawned(std::process::Child),
+}
+
+/// How many threads this process has (`/proc/self/task`).
+fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|rd| rd.count()).unwrap_or(usize::MAX)
 }
 
 /// One scenario's processes and the runner's own state (the `other` process).
@@ -267,7 +283,7 @@ impl<'a> Scene<'a> {
     }
 
     /// Accept the next worker's connection (at most 10 s) and check its hello.
-    fn accept(&mut self, role: Proc, child: Option<std::process::Child>) -> Result<(), StepError> {
+    fn accept(&mut self, role: Proc, reap: Option<Reap>) -> Result<(), StepError> {
         if !wait_readable(&self.listener, Duration::from_secs(10))? {
             return Err(StepError::other(format!("the {} did not connect within 10 s", role.name())));
         }
@@ -284,17 +300,53 @@ impl<'a> Scene<'a> {
             )));
         }
         let pidfd = pidfd_open(hello.pid)?;
-        self.procs.insert(role, Live { pid: hello.pid, pidfd, stream, reader, child });
+        self.procs.insert(role, Live { pid: hello.pid, pidfd, stream, reader, reap });
         Ok(())
     }
 
+    /// Start `role`'s worker process and wait for its hello. It is forked
+    /// from the runner, which has libibverbs and its provider loaded already
+    /// (exec'ing `pinlab-runner --worker` cost ~0.3 s per process under TCG);
+    /// only when the runner has another thread (a `may_block` call that never
+    /// returned) is it exec'd instead, as fork would copy that thread's locks.
     fn spawn(&mut self, role: Proc) -> Result<(), StepError> {
-        let child = Command::new("/usr/local/bin/pinlab-runner")
-            .args(["--worker", role.name(), "--scenario", &self.ctx.scenario, "--devdax", &self.ctx.devdax, "--ctl"])
-            .arg(&self.ctx.ctl)
-            .spawn()
-            .map_err(|e| StepError::other(format!("start the {}: {e}", role.name())))?;
-        self.accept(role, Some(child))
+        if thread_count() != 1 {
+            let child = Command::new("/usr/local/bin/pinlab-runner")
+                .args([
+                    "--worker",
+                    role.name(),
+                    "--scenario",
+                    &self.ctx.scenario,
+                    "--devdax",
+                    &self.ctx.devdax,
+                    "--ctl",
+                ])
+                .arg(&self.ctx.ctl)
+                .spawn()
+                .map_err(|e| StepError::other(format!("start the {}: {e}", role.name())))?;
+            return self.accept(role, Some(Reap::Spawned(child)));
+        }
+        // SAFETY: the runner is single-threaded here (checked just above, and
+        // nothing in it starts a thread behind our back), so the child may run
+        // ordinary Rust code. It never returns into the runner's code: it
+        // serves requests and leaves with _exit, also when it panics.
+        match unsafe { nix::unistd::fork() } {
+            Err(e) => Err(StepError::sys(e, format!("fork() for the {}", role.name()))),
+            Ok(nix::unistd::ForkResult::Child) => {
+                // Only stdio survives: nothing of the runner's (its control
+                // socket, pidfds, files) may stay open in a worker.
+                // SAFETY: close_range(2) takes integers and touches no memory;
+                // the Rust objects owning these fds are never used or dropped
+                // in this process.
+                unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                let ctx = self.ctx.clone();
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| worker::serve(role, ctx)));
+                // SAFETY: _exit ends this process at once, without running the
+                // runner's destructors or atexit handlers in the child.
+                unsafe { libc::_exit(101) }
+            }
+            Ok(nix::unistd::ForkResult::Parent { .. }) => self.accept(role, Some(Reap::Forked)),
+        }
     }
 
     /// Wait (pidfd) until `role`'s process is gone, at most `d`.
@@ -304,8 +356,14 @@ impl<'a> Scene<'a> {
         if !wait_readable(&live.pidfd, d)? {
             return Err(StepError::other(format!("the {} (pid {}) still runs after {d:?}", role.name(), live.pid)));
         }
-        if let Some(c) = live.child.as_mut() {
-            let _ = c.wait();
+        match live.reap.as_mut() {
+            Some(Reap::Spawned(c)) => {
+                let _ = c.wait();
+            }
+            Some(Reap::Forked) => {
+                let _ = nix::sys::wait::waitpid(Pid::from_raw(live.pid), None);
+            }
+            None => {}
         }
         Ok(format!("pid {} gone after {} ms", live.pid, t.elapsed().as_millis()))
     }
@@ -723,6 +781,84 @@ fn run_scenario(lab: &Lab, sc: &PlannedScenario) -> ScenarioResult {
     ScenarioResult { id: sc.id.clone(), steps, ms: t0.elapsed().as_secs_f64() * 1000.0, isolation }
 }
 
+/// The bench's empty scenario: the holder maps 4 KiB of anonymous memory.
+fn empty_scenario() -> PlannedScenario {
+    PlannedScenario {
+        id: "B00".into(),
+        title: "empty scenario (bench: the runner's per-scenario overhead)".into(),
+        steps: vec![PlannedStep {
+            name: "map 4 KiB of anonymous memory".into(),
+            action: Action::Map { target: Target::Anon, size: Size(4096), files: 1 },
+            by: Proc::Holder,
+            probe: false,
+            may_block: false,
+        }],
+    }
+}
+
+/// `reps` empty scenarios through [`run_scenario`]: their wall time minus the
+/// step's ([`key::SCENARIO_OVERHEAD`]); then as many through the pieces of
+/// [`Scene`], timing the holder's start and the tear-down.
+fn bench_overhead(lab: &Lab, reps: u32, progress: &mut dyn FnMut(&Figure)) -> Vec<Figure> {
+    let fig = |key: &str, what: &str| Figure {
+        key: key.into(),
+        what: what.into(),
+        unit: "ms".into(),
+        samples: Vec::new(),
+        error: None,
+    };
+    let mut overhead = fig(
+        key::SCENARIO_OVERHEAD,
+        "an empty scenario (holder started, one 4 KiB anonymous map, workers exit, isolation check), minus its step",
+    );
+    let mut start = fig(key::WORKER_START, "start the holder until its hello arrived");
+    let mut finish = fig(key::SCENARIO_FINISH, "tear-down: workers exit, isolation check, files removed");
+    let sc = empty_scenario();
+    for _ in 0..reps {
+        let r = run_scenario(lab, &sc);
+        let steps: f64 = r.steps.iter().map(|s| s.ms).sum();
+        match (&r.isolation, r.steps.iter().find(|s| !s.outcome.is_ok())) {
+            (Some(i), _) => overhead.error = Some(format!("isolation: {i}")),
+            (None, Some(s)) => overhead.error = Some(format!("{}: {} {}", s.name, s.outcome, s.detail)),
+            (None, None) => overhead.samples.push(r.ms - steps),
+        }
+        progress(&overhead);
+        if overhead.error.is_some() {
+            break;
+        }
+    }
+    for _ in 0..reps {
+        let pieces = Scene::new(lab, &sc.id).and_then(|mut scene| {
+            let t = Instant::now();
+            scene.spawn(Proc::Holder)?;
+            let started = t.elapsed();
+            let rep = scene.step(&sc.steps[0]);
+            if !rep.outcome.is_ok() {
+                return Err(StepError::other(format!("{}: {} {}", sc.steps[0].name, rep.outcome, rep.detail)));
+            }
+            let t = Instant::now();
+            scene.finish().map_err(StepError::other)?;
+            Ok((started, t.elapsed()))
+        });
+        match pieces {
+            Ok((s, f)) => {
+                start.samples.push(s.as_secs_f64() * 1e3);
+                finish.samples.push(f.as_secs_f64() * 1e3);
+            }
+            Err(e) => {
+                start.error = Some(e.to_string());
+                finish.error = Some(e.to_string());
+            }
+        }
+        progress(&start);
+        progress(&finish);
+        if start.error.is_some() {
+            break;
+        }
+    }
+    vec![overhead, start, finish]
+}
+
 /// Run every kselftest binary in `dir` on the DAX mount and turn its TAP
 /// lines into results: `ok`, `skip` (`ok … # SKIP`) or `fail` (`not ok`,
 /// or a program that could not run or exited with a failure).
@@ -815,6 +951,14 @@ fn main() {
         println!("pinlab-runner: setup failed; no scenario can run");
         std::process::exit(1);
     };
+    // Workers are forked from here: load libibverbs and rxe's provider once.
+    let t = Instant::now();
+    match pinlab_demos::rdma::preload() {
+        Ok(devs) => {
+            println!("pinlab-runner: libibverbs loaded ({}) in {} ms", devs.join(", "), t.elapsed().as_millis())
+        }
+        Err(e) => println!("pinlab-runner: cannot preload libibverbs: {e:#}"),
+    }
     res.selftests = run_selftests(&Path::new(GUEST_SHARE).join("selftests"));
     write_results(&out, &res);
     if setup_only {
@@ -835,7 +979,9 @@ fn main() {
                 .emit();
             }
         };
-        res.bench = Some(pinlab_demos::bench::run(bp, &mut progress));
+        let mut b = pinlab_demos::bench::run(bp, &mut progress);
+        b.figures.extend(bench_overhead(&lab, bp.scenario_reps, &mut progress));
+        res.bench = Some(b);
         write_results(&out, &res);
     }
     for sc in &plan.scenarios {

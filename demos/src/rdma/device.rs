@@ -35,6 +35,15 @@ impl std::fmt::Debug for Device {
     }
 }
 
+/// Load libibverbs and the device providers into this process without
+/// opening any device, so that processes forked from it later open one
+/// without loading them again. Returns the devices' names.
+pub fn preload() -> anyhow::Result<Vec<String>> {
+    let list = DeviceList::new().map_err(|e| anyhow::anyhow!("ibv_get_device_list: {e}"))?;
+    raw_verbs().map_err(anyhow::Error::msg)?;
+    Ok(list.iter().map(|d| d.name()).collect())
+}
+
 impl Device {
     /// Open the named RDMA device (e.g. `"rxe0"`), or the first one if
     /// `None`, and allocate a protection domain on it.

@@ -31,7 +31,7 @@ mod server;
 mod verbs;
 
 pub use client::{client_write, ClientReport};
-pub use device::{Device, Mr};
+pub use device::{preload, Device, Mr};
 pub use pattern::{fill_pattern, first_pattern_mismatch, pattern_block_index, DEFAULT_SEED};
 pub use qp::wc_status_name;
 pub use server::{serve_write, write_from_client};

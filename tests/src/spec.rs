@@ -295,11 +295,14 @@ impl Scenario {
             let at = &step.expect.referenced;
             let detachable = matches!(
                 step.action,
-                Action::Truncate { via: crate::plan::TruncVia::Path, .. } | Action::Fallocate { .. }
+                Action::Truncate { via: crate::plan::TruncVia::Path, .. }
+                    | Action::Fallocate { .. }
+                    | Action::Clone { .. }
+                    | Action::SwapExt { .. }
             );
             if step.may_block && (step.by != Proc::Other || !detachable) {
                 bail!(
-                    "{file}:{}:{}: step {} ('{}') is may_block, but only a truncate by path or a fallocate run \
+                    "{file}:{}:{}: step {} ('{}') is may_block, but only a truncate by path, a fallocate, a clone or a swapext run \
                      by `other` can be watched while it sleeps",
                     at.line(),
                     at.column(),

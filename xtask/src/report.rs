@@ -234,13 +234,12 @@ pub fn table(r: &RunResults) -> String {
         // Where the NIC's bytes were found (the last locate step of each cell).
         for c in r.results.iter().filter(|c| c.scenario == spec.id) {
             if let Some(p) = c.steps.iter().rev().find_map(|st| st.placement.as_ref()) {
-                let _ = writeln!(
-                    s,
-                    "     {}/{}: the NIC's bytes are in {}",
-                    c.flavor,
-                    cell_fs(spec, c.fs),
-                    pinlab_scenarios::results::placement_text(p)
-                );
+                let at = if p.is_empty() {
+                    "nowhere on the namespace".to_string()
+                } else {
+                    format!("in {}", pinlab_scenarios::results::placement_text(p))
+                };
+                let _ = writeln!(s, "     {}/{}: the NIC's bytes are {at}", c.flavor, cell_fs(spec, c.fs));
             }
         }
         for c in r.results.iter().filter(|c| c.scenario == spec.id && !c.pass) {

@@ -9,7 +9,7 @@
 //! socket, and exits are observed through pidfds.
 
 use crate::lease;
-use crate::rdma::{self, Device, Mr};
+use crate::rdma::{self, BlockCensus, Device, Mr};
 use crate::region::Region;
 use crate::StepError;
 use nix::errno::Errno;
@@ -174,6 +174,7 @@ impl Worker {
             Action::RegMr => self.reg_mr(None),
             Action::RegMrRange { offset, len } => self.reg_mr(Some((offset.0 as usize, len.0 as usize))),
             Action::RdmaWrite => self.rdma_write(),
+            Action::RdmaRead => self.rdma_read(),
             Action::Verify => self.verify(),
             Action::DeregMr => self.dereg_mr(),
             Action::Lease { kind } => self.lease(*kind),
@@ -285,6 +286,36 @@ impl Worker {
             mr.rkey(),
             serde_json::to_string(&report).unwrap_or_default()
         ))
+    }
+
+    /// `rdma_read`: an `rdma-client --read` reads the last MR back; `ok` if
+    /// every block is the scenario's pattern (what the MR's memory held
+    /// after `rdma_write`), `mismatch` with what came back instead.
+    fn rdma_read(&mut self) -> Result<String, StepError> {
+        let mr = self.mrs.last().ok_or_else(|| StepError::other("rdma_read before reg_mr"))?;
+        let dev = self.dev.as_ref().ok_or_else(|| StepError::other("no device"))?;
+        let (pid, report) = rdma::read_from_client(dev, mr, CLIENT, ADDR, Duration::from_secs(30), self.ctx.seed())?;
+        let census = report.read.clone().unwrap_or_default();
+        // Whose bytes the pattern is: the file(s) the MR was registered on, or memory.
+        let own = self
+            .regions
+            .iter()
+            .find(|r| r.bytes_at(mr.addr(), mr.len()).is_some())
+            .and_then(|r| r.path())
+            .and_then(|p| p.file_name())
+            .map(|n| format!("{}'s own bytes", n.to_string_lossy()))
+            .unwrap_or_else(|| "the region's own bytes".into());
+        let json = serde_json::to_string(&report).unwrap_or_default();
+        let head =
+            format!("the RDMA READ through MR rkey={:#x} (rdma-client pid {pid}, {} bytes)", mr.rkey(), report.bytes);
+        if census.all_pattern() && census.blocks > 0 {
+            return Ok(format!(
+                "{head} returned all {} blocks as {own} (the pattern the client wrote); report: {json}",
+                census.blocks
+            ));
+        }
+        let what = read_text(&census, &own, Path::new(PMEM_MNT));
+        Err(StepError::mismatch(format!("mismatch: {head} returned {what}; report: {json}")))
     }
 
     /// `verify`: the last MR's bytes, read through this process's mapping,
@@ -468,6 +499,53 @@ impl Worker {
     }
 }
 
+/// What an RDMA READ returned, for a learner: "512 of 512 blocks of 0x53,
+/// the byte victim.dat was written with: another file's data, 0 blocks of
+/// S21.dat's own bytes, 0 other". A byte value is
+/// named after the file on `mount` whose first block is nothing but it
+/// (the hazard scenarios' victims are written that way).
+pub fn read_text(c: &BlockCensus, own: &str, mount: &Path) -> String {
+    let files = uniform_files(mount);
+    let mut uniform = c.uniform.clone();
+    uniform.sort_by_key(|u| (std::cmp::Reverse(u.blocks), u.byte));
+    let mut parts: Vec<String> = uniform
+        .iter()
+        .map(|u| {
+            let whose = match (u.byte, files.iter().find(|(_, b)| *b == u.byte)) {
+                (_, Some((name, _))) => format!(", the byte {name} was written with: another file's data"),
+                (rdma::READ_FILL, None) => ": the client's own fill byte, the READ delivered nothing there".into(),
+                (0, None) => ": zeroes".into(),
+                _ => String::new(),
+            };
+            format!("{} of {} blocks of {:#04x}{whose}", u.blocks, c.blocks, u.byte)
+        })
+        .collect();
+    parts.push(format!("{} blocks of {own}", c.pattern));
+    parts.push(format!("{} other", c.other));
+    // Where the file's own bytes stop, when some came back at all.
+    let first = c.first_not_pattern.filter(|_| c.pattern > 0).map(|b| format!(" (the first at block {b})"));
+    format!("{}{}", parts.join(", "), first.unwrap_or_default())
+}
+
+/// Regular files directly on `mount` whose first 4 KiB are one byte value
+/// throughout, with that byte (at most 64 files looked at).
+fn uniform_files(mount: &Path) -> Vec<(String, u8)> {
+    let Ok(rd) = std::fs::read_dir(mount) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in rd.flatten().take(64) {
+        if !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let mut buf = vec![0u8; 4096];
+        let Ok(mut f) = File::open(e.path()) else { continue };
+        if f.read_exact(&mut buf).is_ok() && buf.iter().all(|&b| b == buf[0]) {
+            out.push((e.file_name().to_string_lossy().into_owned(), buf[0]));
+        }
+    }
+    out.sort();
+    out
+}
+
 fn send_line<T: Serialize>(s: &mut UnixStream, v: &T) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     line.push(b'\n');
@@ -649,6 +727,31 @@ mod tests {
         assert_eq!(w.exec(&Action::Unmap).unwrap(), "1 region(s) unmapped; the descriptor and the MR stay");
         let e = w.exec(&Action::Map { target: Target::Devdax, size: Size(4096), files: 1 }).unwrap_err();
         assert_eq!(e.failure.errno(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn read_text_names_the_file_a_byte_came_from() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("victim.dat"), vec![0x53u8; 2 * 4096]).unwrap();
+        std::fs::write(d.path().join("S21.dat"), b"").unwrap();
+        let seed = pinlab_scenarios::plan::pattern_seed("S21");
+        let mut buf = vec![0x53u8; 512 * 4096];
+        let c = BlockCensus::of(seed, &buf);
+        assert_eq!(
+            read_text(&c, "S21.dat's own bytes", d.path()),
+            "512 of 512 blocks of 0x53, the byte victim.dat was written with: another file's data, 0 blocks of \
+             S21.dat's own bytes, 0 other"
+        );
+        pinlab_scenarios::plan::fill_pattern(seed, 0, &mut buf[..4096 * 500]);
+        buf[4096 * 510..].fill(rdma::READ_FILL);
+        buf[4096 * 505] = 1;
+        let t = read_text(&BlockCensus::of(seed, &buf), "S21.dat's own bytes", d.path());
+        assert_eq!(
+            t,
+            "9 of 512 blocks of 0x53, the byte victim.dat was written with: another file's \
+             data, 2 of 512 blocks of 0xee: the client's own fill byte, the READ delivered nothing there, 500 blocks \
+             of S21.dat's own bytes, 1 other (the first at block 500)"
+        );
     }
 
     #[test]

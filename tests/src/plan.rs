@@ -231,6 +231,12 @@ pub enum Action {
     /// A separate client process connects over rxe with an RC queue pair and
     /// RDMA-WRITEs a known pattern into the whole registered region.
     RdmaWrite,
+    /// A separate client process connects like for `rdma_write` and
+    /// RDMA-READs the whole registered region into its own buffer; the step
+    /// compares what came back with the scenario's pattern (what the file
+    /// holds after an `rdma_write`): `ok` when every block is the pattern,
+    /// `mismatch` with a census of the blocks otherwise ([`BlockCensus`]).
+    RdmaRead,
     /// The runner compares the region's bytes with the pattern the client
     /// wrote: `ok` or `mismatch` with the first differing offset.
     Verify,
@@ -417,6 +423,7 @@ impl Action {
             Action::FilePins { .. } => "file_pins",
             Action::VerifyFile { .. } => "verify_file",
             Action::RdmaWrite => "rdma_write",
+            Action::RdmaRead => "rdma_read",
             Action::Verify => "verify",
             Action::DeregMr => "dereg_mr",
             Action::Remount { .. } => "remount",
@@ -598,6 +605,70 @@ pub fn pattern_block_index(seed: u64, blocks: u64, block: &[u8]) -> Option<u64> 
     (k < blocks && block.iter().enumerate().all(|(i, &b)| b == pattern_byte(seed, base + i as u64))).then_some(k)
 }
 
+/// What a buffer read back through an MR holds, 4 KiB block by block:
+/// blocks of the scenario's pattern in their right place, blocks that are
+/// one byte value throughout (a file written with `create_file`, zeroes),
+/// and the rest. The same bytes and seed always give the same census.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockCensus {
+    /// 4 KiB blocks looked at (a short last block counts as one).
+    pub blocks: u64,
+    /// Blocks that are the pattern's block for their offset.
+    pub pattern: u64,
+    /// Blocks whose bytes are all one value, by value (ascending).
+    pub uniform: Vec<UniformBlocks>,
+    /// Everything else (another scenario's pattern, a block of the pattern
+    /// at the wrong offset, mixed bytes).
+    pub other: u64,
+    /// The first block that is not the pattern's, if any.
+    pub first_not_pattern: Option<u64>,
+}
+
+/// `blocks` blocks that hold nothing but `byte`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UniformBlocks {
+    /// The byte.
+    pub byte: u8,
+    /// How many blocks.
+    pub blocks: u64,
+}
+
+impl BlockCensus {
+    /// Count the blocks of `buf`, a whole region read back, against pattern `seed`.
+    pub fn of(seed: u64, buf: &[u8]) -> BlockCensus {
+        let mut c = BlockCensus::default();
+        let mut uniform = std::collections::BTreeMap::<u8, u64>::new();
+        for (i, blk) in buf.chunks(PATTERN_BLOCK as usize).enumerate() {
+            let i = i as u64;
+            c.blocks += 1;
+            let start = i * PATTERN_BLOCK;
+            if blk.iter().enumerate().all(|(j, &b)| b == pattern_byte(seed, start + j as u64)) {
+                c.pattern += 1;
+                continue;
+            }
+            c.first_not_pattern.get_or_insert(i);
+            match blk.first() {
+                Some(&b0) if blk.iter().all(|&b| b == b0) => *uniform.entry(b0).or_default() += 1,
+                _ => c.other += 1,
+            }
+        }
+        c.uniform = uniform.into_iter().map(|(byte, blocks)| UniformBlocks { byte, blocks }).collect();
+        c
+    }
+
+    /// Every block is the pattern.
+    pub fn all_pattern(&self) -> bool {
+        self.pattern == self.blocks
+    }
+
+    /// The blocks that are all `byte`.
+    pub fn uniform_of(&self, byte: u8) -> u64 {
+        self.uniform.iter().find(|u| u.byte == byte).map(|u| u.blocks).unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -660,5 +731,34 @@ mod tests {
         region[8192 + 100] ^= 1;
         assert_eq!(pattern_block_index(seed, 3, &region[8192..]), None);
         assert_eq!(first_pattern_mismatch(seed, &region).map(|m| m.0), Some(8292));
+    }
+
+    #[test]
+    fn census_counts_pattern_uniform_and_other_blocks() {
+        let seed = pattern_seed("S21");
+        let mut region = vec![0u8; 6 * 4096];
+        fill_pattern(seed, 0, &mut region);
+        let all = BlockCensus::of(seed, &region);
+        assert_eq!((all.blocks, all.pattern, all.other, all.first_not_pattern), (6, 6, 0, None));
+        assert!(all.all_pattern() && all.uniform.is_empty());
+        // Blocks 1 and 4: a victim's secret; block 2: zeroes; block 3:
+        // another scenario's pattern; block 5: this pattern's block 0 (a
+        // block in the wrong place is not the file's own byte).
+        region[4096..8192].fill(0x53);
+        region[4 * 4096..5 * 4096].fill(0x53);
+        region[8192..12288].fill(0);
+        let mut other = vec![0u8; 4 * 4096];
+        fill_pattern(pattern_seed("S20"), 0, &mut other);
+        region[12288..16384].copy_from_slice(&other[12288..16384]);
+        let first = region[..4096].to_vec();
+        region[5 * 4096..].copy_from_slice(&first);
+        let c = BlockCensus::of(seed, &region);
+        assert_eq!((c.blocks, c.pattern, c.other, c.first_not_pattern), (6, 1, 2, Some(1)));
+        assert_eq!(c.uniform, vec![UniformBlocks { byte: 0, blocks: 1 }, UniformBlocks { byte: 0x53, blocks: 2 }]);
+        assert_eq!((c.uniform_of(0x53), c.uniform_of(0x5a)), (2, 0));
+        assert!(!c.all_pattern());
+        assert_eq!(BlockCensus::of(seed, &region), c, "the same bytes give the same census");
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<BlockCensus>(&json).unwrap(), c);
     }
 }

@@ -344,8 +344,12 @@ pub type Placement = std::collections::BTreeMap<String, u64>;
 /// checked only where `want` names `free`: every scenario's client writes
 /// the same pattern, so blocks freed by an earlier scenario may still carry
 /// it (a few that the filesystem keeps in reserve are never reallocated).
+/// An empty `want` (`{}`) means nowhere at all, free blocks included: the
+/// region was never on the namespace.
 pub fn placed_as(got: &Placement, want: &Placement) -> bool {
-    let checks_free = want.contains_key("free");
+    // An empty placement says the pattern is nowhere on the namespace
+    // (anonymous memory): not even in free blocks.
+    let checks_free = want.is_empty() || want.contains_key("free");
     want.iter().all(|(f, n)| got.get(f) == Some(n))
         && got.keys().all(|f| want.contains_key(f) || (f == "free" && !checks_free))
 }
@@ -568,6 +572,10 @@ mod tests {
         assert!(!placed_as(&p(&[("victim.dat", 512)]), &p(&[("S20.dat", 512)])));
         assert!(placed_as(&p(&[("free", 512)]), &p(&[("free", 512)])));
         assert!(!placed_as(&p(&[("free", 513)]), &p(&[("free", 512)])));
+        // `{}`: nowhere, not even in free space (anonymous memory).
+        assert!(placed_as(&p(&[]), &p(&[])));
+        assert!(!placed_as(&p(&[("free", 1)]), &p(&[])));
+        assert!(!placed_as(&p(&[("S01.dat", 1)]), &p(&[])));
     }
 
     #[test]

@@ -621,6 +621,36 @@ steps:
     }
 
     #[test]
+    fn rdma_read_parses_and_may_expect_a_mismatch() {
+        let text = with_steps(&[
+            ("reg", "action: reg_mr", "ok"),
+            ("write", "action: rdma_write", "ok"),
+            ("read", "action: rdma_read\nheadline: true", "{stock: ok, patched: ok, hazard: mismatch}"),
+        ]);
+        let sc = p13(&text).unwrap();
+        assert_eq!(sc.steps[3].action, Action::RdmaRead);
+        assert_eq!(sc.steps[3].action.kind(), "rdma_read");
+        assert!(sc.steps[3].headline);
+        assert_eq!(sc.expected(Flavor::Hazard, Fs::Xfs)[3], Some(Outcome::Mismatch));
+        assert_eq!(sc.planned().steps[3].action, Action::RdmaRead);
+        // It takes no arguments.
+        let e = p13(&text.replace("action: rdma_read", "action: {rdma_read: {len: 2M}}")).unwrap_err().to_string();
+        assert!(e.starts_with("tests/scenarios/S13-x.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_placement_means_nowhere() {
+        let text = with_steps(&[(
+            "where",
+            "by: other\naction: {locate: {}}\nplacement: {'*': {}, patched: {S13.dat: 512}}",
+            "ok",
+        )]);
+        let sc = p13(&text).unwrap();
+        assert_eq!(sc.steps[1].placement_for(Flavor::Stock, Fs::Ext4), Some(&BTreeMap::new()));
+        assert_eq!(sc.steps[1].placement_for(Flavor::Patched, Fs::Xfs).map(|m| m["S13.dat"]), Some(512));
+    }
+
+    #[test]
     fn id_must_match_file_name() {
         let e = parse(GOOD, Path::new("tests/scenarios/S03-x.yaml")).unwrap_err().to_string();
         assert!(e.contains("does not match the file name"), "{e}");

@@ -91,14 +91,49 @@ fn results_problem(r: &BootResults, console: &str) -> Option<Problem> {
 pub struct ExpectedSplat {
     /// The flavor.
     pub flavor: Flavor,
-    /// The scenario that provokes it.
-    pub scenario: String,
+    /// The scenario that provokes it, or a list of scenarios that each
+    /// provoke a splat the kernel prints once per boot (`WARN_ON_ONCE`): it
+    /// appears in the first of them the boot runs, and must appear in one
+    /// of them if any ran.
+    pub scenario: OneOrMany,
     /// Its kind.
     pub kind: SplatKind,
     /// A regular expression its console line matches.
     pub matches: String,
     /// Why, for the report.
     pub reason: String,
+}
+
+/// A scenario id, or a list of them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::One(s) => Ok(OneOrMany(vec![s])),
+            Raw::Many(v) if v.is_empty() => Err(serde::de::Error::custom("an empty list of scenarios")),
+            Raw::Many(v) => Ok(OneOrMany(v)),
+        }
+    }
+}
+
+impl OneOrMany {
+    fn contains(&self, id: &str) -> bool {
+        self.0.iter().any(|s| s == id)
+    }
+}
+
+impl std::fmt::Display for OneOrMany {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(" or "))
+    }
 }
 
 /// The expected splats, their expressions compiled.
@@ -147,7 +182,7 @@ pub fn sort_splats(boot: &Boot, flavor: Flavor, ran: &[&str], allow: &SplatAllow
         let hit = allow.0.iter().position(|(e, re)| {
             e.flavor == flavor
                 && e.kind == sp.kind
-                && sp.scenario.as_deref() == Some(e.scenario.as_str())
+                && sp.scenario.as_deref().is_some_and(|id| e.scenario.contains(id))
                 && re.is_match(&sp.text)
         });
         match hit {
@@ -159,7 +194,7 @@ pub fn sort_splats(boot: &Boot, flavor: Flavor, ran: &[&str], allow: &SplatAllow
         }
     }
     for (i, (e, _)) in allow.0.iter().enumerate() {
-        if e.flavor == flavor && ran.contains(&e.scenario.as_str()) && !seen[i] {
+        if e.flavor == flavor && ran.iter().any(|id| e.scenario.contains(id)) && !seen[i] {
             out.missing.push(format!(
                 "the {} kernel was expected to print a {} matching '{}' in {} ({}), and did not",
                 e.flavor, e.kind, e.matches, e.scenario, e.reason
@@ -360,6 +395,41 @@ mod tests {
         // Not expected where S20 did not run.
         b.splats.clear();
         assert!(sort_splats(&b, Flavor::Hazard, &["S19"], &allow).missing.is_empty());
+    }
+
+    #[test]
+    fn a_once_per_boot_splat_may_come_in_any_of_its_scenarios() {
+        let allow = SplatAllowList::parse(
+            "- flavor: hazard\n  scenario: [S20, S21]\n  kind: warning\n  matches: 'dax_disassociate_entry'\n  \
+             reason: once\n",
+        )
+        .unwrap();
+        let warn = |sc: &str| Splat {
+            kind: SplatKind::Warning,
+            line: 9,
+            text: "WARNING: CPU: 0 PID: 77 at fs/dax.c:390 dax_disassociate_entry+0x5b/0x70".into(),
+            scenario: Some(sc.into()),
+        };
+        let mut b = boot(BootEnd::Completed { rc: 0 }, Some(clean()));
+        // Both ran: WARN_ON_ONCE fired in the first, and only there.
+        b.splats = vec![warn("S20")];
+        let s = sort_splats(&b, Flavor::Hazard, &["S20", "S21"], &allow);
+        assert_eq!((s.noticed.len(), s.unexpected.len(), s.missing.len()), (1, 0, 0));
+        // S21 alone.
+        b.splats = vec![warn("S21")];
+        let s = sort_splats(&b, Flavor::Hazard, &["S21"], &allow);
+        assert_eq!((s.noticed.len(), s.unexpected.len(), s.missing.len()), (1, 0, 0));
+        // Neither printed it: missing, and the message names both.
+        b.splats.clear();
+        let s = sort_splats(&b, Flavor::Hazard, &["S21"], &allow);
+        assert_eq!(s.missing.len(), 1);
+        assert!(s.missing[0].contains("in S20 or S21"), "{}", s.missing[0]);
+        // Elsewhere it is unexpected.
+        b.splats = vec![warn("S19")];
+        assert_eq!(sort_splats(&b, Flavor::Hazard, &["S19"], &allow).unexpected.len(), 1);
+        assert!(
+            SplatAllowList::parse("- {flavor: hazard, scenario: [], kind: warning, matches: x, reason: r}\n").is_err()
+        );
     }
 
     #[test]

@@ -659,6 +659,12 @@ impl<'a> Scene<'a> {
                 let _ = std::fs::remove_file(&p);
             }
         }
+        // Commit those frees now: a journaling filesystem keeps freed blocks
+        // unallocatable until its transaction commits, so without this the
+        // next scenario's file lands in whatever little space was free
+        // before (S21.dat after S20's full-disk victim: in the last gap
+        // the next victim never reaches, and the hazard did not show).
+        nix::unistd::sync();
         if self.remounted {
             if let Err(e) = umount_pmem()
                 .and_then(|()| mount_pmem(&self.lab.pmem, self.lab.fs, DaxMode::Always))

@@ -1,16 +1,23 @@
 //! `rdma-client`: RDMA WRITE the pattern into the region an `rdma-server`
-//! offers, then print one JSON line with the report.
+//! offers (or, with `--read`, RDMA READ the region back), then print one
+//! JSON line with the report. After a READ the report's `read` counts the
+//! 4 KiB blocks that came back: `pattern` (the pattern of `--seed`, each in
+//! its place), `uniform` (blocks that are one byte value throughout, by
+//! value) and `other`.
 //!
 //! ```text
-//! rdma-client --server HOST:PORT [--timeout-s 20] [--seed N]
+//! rdma-client --server HOST:PORT [--read] [--timeout-s 20] [--seed N]
 //! ```
-//! Exit status 0 on success, 1 when the transfer failed, 2 for bad usage.
+//! Exit status 0 on success (whatever a READ returned), 1 when the transfer
+//! failed, 2 for bad usage.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: rdma-client --server HOST:PORT [--timeout-s 20] [--seed N]";
+use pinlab_demos::rdma::ClientOp;
+
+const USAGE: &str = "usage: rdma-client --server HOST:PORT [--read] [--timeout-s 20] [--seed N]";
 
 #[derive(Debug, PartialEq, Eq)]
 struct Args {
@@ -18,6 +25,8 @@ struct Args {
     timeout: Duration,
     /// The pattern seed (`pinlab_scenarios::plan::pattern_seed`).
     seed: u64,
+    /// RDMA READ instead of WRITE.
+    read: bool,
 }
 
 /// `None` means `--help`.
@@ -26,10 +35,12 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
     let mut server = None;
     let mut timeout = Duration::from_secs(20);
     let mut seed = pinlab_demos::rdma::DEFAULT_SEED;
+    let mut read = false;
     let mut p = lexopt::Parser::from_args(argv);
     while let Some(arg) = p.next().map_err(|e| e.to_string())? {
         match arg {
             Short('h') | Long("help") => return Ok(None),
+            Long("read") => read = true,
             Long("server") => server = Some(p.value().map_err(|e| e.to_string())?.string().map_err(|e| e.to_string())?),
             Long("timeout-s") => timeout = pinlab_demos::parse_timeout(p.value().map_err(|e| e.to_string())?)?,
             Long("seed") => {
@@ -40,7 +51,7 @@ fn parse_args(argv: &[String]) -> Result<Option<Args>, String> {
         }
     }
     let server = server.ok_or("--server HOST:PORT is required")?;
-    Ok(Some(Args { server, timeout, seed }))
+    Ok(Some(Args { server, timeout, seed, read }))
 }
 
 fn resolve(server: &str) -> Result<SocketAddr, String> {
@@ -70,19 +81,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match pinlab_demos::rdma::client_write(addr, args.timeout, args.seed) {
+    let op = if args.read { ClientOp::Read } else { ClientOp::Write };
+    match pinlab_demos::rdma::client_transfer(addr, args.timeout, args.seed, op) {
         Ok(report) => match serde_json::to_string(&report) {
             Ok(line) => {
                 println!("{line}");
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("rdma-client: the write succeeded but the report could not be encoded: {e}");
+                eprintln!("rdma-client: the transfer succeeded but the report could not be encoded: {e}");
                 ExitCode::FAILURE
             }
         },
         Err(e) => {
-            eprintln!("rdma-client: RDMA WRITE to {addr} failed: {e:#}");
+            eprintln!("rdma-client: {} with {addr} failed: {e:#}", op.verb());
             ExitCode::FAILURE
         }
     }
@@ -105,9 +117,12 @@ mod tests {
             Args {
                 server: "192.0.2.1:18515".into(),
                 timeout: Duration::from_secs(20),
-                seed: pinlab_demos::rdma::DEFAULT_SEED
+                seed: pinlab_demos::rdma::DEFAULT_SEED,
+                read: false
             }
         );
+        let a = parse("--server h:1 --read --seed 7").unwrap().unwrap();
+        assert_eq!((a.read, a.seed), (true, 7));
         let a = parse("--server=h:1 --timeout-s=3").unwrap().unwrap();
         assert_eq!(a.timeout, Duration::from_secs(3));
         assert_eq!(parse("-h").unwrap(), None);

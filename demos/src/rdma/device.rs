@@ -17,7 +17,7 @@ use sideway::ibverbs::device_context::{
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 
 use super::verbs::{raw_verbs, DeregMrFn, RawIbvMr, RawVerbs};
-use super::{io_text, mr_access, step, PORT};
+use super::{io_text, mr_access, step, MR_ACCESS_TEXT, PORT};
 use crate::region::Region;
 use crate::StepError;
 
@@ -99,7 +99,7 @@ impl Device {
         unsafe { self.ctx.context().as_ref().cmd_fd }
     }
 
-    /// `ibv_reg_mr(pd, addr, len, IBV_ACCESS_LOCAL_WRITE|IBV_ACCESS_REMOTE_WRITE)`
+    /// `ibv_reg_mr(pd, addr, len, IBV_ACCESS_LOCAL_WRITE|IBV_ACCESS_REMOTE_WRITE|IBV_ACCESS_REMOTE_READ)`
     /// on the bytes `range` of `region`.
     ///
     /// A range that is not inside the region is refused with `EINVAL` before
@@ -122,10 +122,7 @@ impl Device {
                 ),
             ));
         };
-        let what = format!(
-            "ibv_reg_mr({}, addr={addr:p}, len={len}, IBV_ACCESS_LOCAL_WRITE|IBV_ACCESS_REMOTE_WRITE)",
-            self.name
-        );
+        let what = format!("ibv_reg_mr({}, addr={addr:p}, len={len}, {MR_ACCESS_TEXT})", self.name);
         // SAFETY: pd() is the live PD of this device (kept alive by self.pd).
         let pd = unsafe { self.pd.pd() }.as_ptr().cast::<c_void>();
         nix::errno::Errno::clear();

@@ -1,5 +1,5 @@
 //! RDMA verbs for pinlab through `sideway`: open a device, register memory,
-//! and move data with one-sided RDMA WRITEs over an RC queue pair.
+//! and move data with one-sided RDMA WRITEs and READs over an RC queue pair.
 //!
 //! `ibv_reg_mr` and `ibv_dereg_mr` are called through function pointers
 //! looked up with `dlsym` in the very `libibverbs.so.1` that sideway's loader
@@ -30,11 +30,13 @@ mod qp;
 mod server;
 mod verbs;
 
-pub use client::{client_write, ClientReport};
+pub use client::{client_read, client_transfer, client_write, ClientOp, ClientReport, READ_FILL};
 pub use device::{preload, Device, Mr};
-pub use pattern::{fill_pattern, first_pattern_mismatch, pattern_block_index, DEFAULT_SEED};
+pub use pattern::{
+    fill_pattern, first_pattern_mismatch, pattern_block_index, BlockCensus, UniformBlocks, DEFAULT_SEED,
+};
 pub use qp::wc_status_name;
-pub use server::{serve_write, write_from_client};
+pub use server::{read_from_client, serve_write, write_from_client};
 
 /// The HCA port pinlab uses (rxe has exactly one).
 pub const PORT: u8 = 1;
@@ -48,10 +50,16 @@ const SEND_DEPTH: u32 = 32;
 /// Longest side-channel line we accept.
 const MAX_LINE: u64 = 64 << 10;
 
-/// `IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE`.
+/// `IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE | IBV_ACCESS_REMOTE_READ`:
+/// for MRs and for the QPs (a responder QP needs remote read access, and
+/// the MR too, before it serves an RDMA READ). Remote read takes no
+/// different path in `ib_umem_get()`: write access alone decides FOLL_WRITE.
 fn mr_access() -> AccessFlags {
-    AccessFlags::LocalWrite | AccessFlags::RemoteWrite
+    AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead
 }
+
+/// How [`mr_access`] reads in C, for messages.
+const MR_ACCESS_TEXT: &str = "IBV_ACCESS_LOCAL_WRITE|IBV_ACCESS_REMOTE_WRITE|IBV_ACCESS_REMOTE_READ";
 
 // ---------------------------------------------------------------------------
 // errno out of sideway's error types.

@@ -1,4 +1,4 @@
-//! The RC queue pair both ends of an RDMA WRITE bring up.
+//! The RC queue pair both ends of an RDMA WRITE or READ bring up.
 
 use std::io;
 use std::net::Ipv6Addr;
@@ -102,7 +102,7 @@ impl RcQp {
         };
         let mut attr = QueuePairAttribute::new();
         attr.setup_state(QueuePairState::Init).setup_pkey_index(0).setup_port(PORT).setup_access_flags(mr_access());
-        rc.modify(&attr, "INIT (pkey_index=0, port=1, access=LOCAL_WRITE|REMOTE_WRITE)")?;
+        rc.modify(&attr, "INIT (pkey_index=0, port=1, access=LOCAL_WRITE|REMOTE_WRITE|REMOTE_READ)")?;
         Ok(rc)
     }
 
@@ -151,13 +151,14 @@ impl RcQp {
             .setup_path_mtu(mtu)
             .setup_dest_qp_num(remote.qpn)
             .setup_rq_psn(remote.psn)
+            // Incoming RDMA READs this QP serves at once (0 would refuse every READ).
             .setup_max_dest_read_atomic(1)
             .setup_min_rnr_timer(12)
             .setup_address_vector(&ah);
         self.modify(
             &attr,
             &format!(
-                "RTR (path_mtu={mtu_bytes}, dest_qpn={:#x}, rq_psn={:#x}, dgid={}, sgid_index={})",
+                "RTR (path_mtu={mtu_bytes}, dest_qpn={:#x}, rq_psn={:#x}, dgid={}, sgid_index={}, max_dest_rd_atomic=1)",
                 remote.qpn, remote.psn, remote.gid, self.gid_index
             ),
         )?;
@@ -167,8 +168,12 @@ impl RcQp {
             .setup_timeout(16)
             .setup_retry_cnt(7)
             .setup_rnr_retry(7)
+            // RDMA READs this QP has outstanding at once (0 would stall every READ).
             .setup_max_read_atomic(1);
-        self.modify(&attr, &format!("RTS (sq_psn={:#x}, timeout=16, retry_cnt=7, rnr_retry=7)", self.psn))
+        self.modify(
+            &attr,
+            &format!("RTS (sq_psn={:#x}, timeout=16, retry_cnt=7, rnr_retry=7, max_rd_atomic=1)", self.psn),
+        )
     }
 }
 

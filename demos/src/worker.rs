@@ -94,6 +94,8 @@ pub struct Worker {
     uverbs_rx: Option<OwnedFd>,
     rx_listener: Option<UnixListener>,
     written: Option<usize>,
+    /// Free blocks at the previous `free_blocks` step.
+    free_mark: Option<u64>,
 }
 
 fn io_err(e: std::io::Error, what: String) -> StepError {
@@ -122,6 +124,7 @@ impl Worker {
             uverbs_rx: None,
             rx_listener: None,
             written: None,
+            free_mark: None,
         }
     }
 
@@ -185,6 +188,12 @@ impl Worker {
                 let path = |n: &str| if n == "SELF" { self.ctx.file(0) } else { Path::new(PMEM_MNT).join(n) };
                 crate::oracle::clone(*kind, &path(from), &path(to))
             }
+            Action::Unlink => {
+                let p = self.ctx.file(0);
+                std::fs::remove_file(&p).map_err(|e| io_err(e, format!("unlink({})", p.display())))?;
+                Ok(format!("unlink({}) = 0", p.display()))
+            }
+            Action::FreeBlocks { at_least, below } => self.free_blocks(*at_least, *below),
             Action::CheckLocks { expect } => crate::oracle::check_locks(&self.ctx.file(0), expect),
             Action::SwapExt { with } => crate::oracle::swapext(&self.ctx.file(0), &Path::new(PMEM_MNT).join(with)),
             Action::Write { offset, len } => self.write(offset.0, len.0),
@@ -480,6 +489,35 @@ impl Worker {
         let n = fd.as_raw_fd();
         drop(fd);
         Ok(format!("closed the received uverbs fd {n}"))
+    }
+
+    /// `free_blocks`: 4 KiB blocks freed on the mount since the previous call.
+    fn free_blocks(&mut self, at_least: Option<u64>, below: Option<u64>) -> Result<String, StepError> {
+        let free = || -> Result<u64, StepError> {
+            nix::unistd::sync();
+            let st =
+                nix::sys::statvfs::statvfs(PMEM_MNT).map_err(|e| StepError::sys(e, format!("statvfs({PMEM_MNT})")))?;
+            Ok(st.blocks_free() as u64 * st.fragment_size() as u64 / 4096)
+        };
+        let t = Instant::now();
+        let mut now = free()?;
+        let Some(mark) = self.free_mark else {
+            self.free_mark = Some(now);
+            return Ok(format!("{now} blocks of 4 KiB free on {PMEM_MNT} (the mark for the next free_blocks)"));
+        };
+        let freed = |now: u64| now.saturating_sub(mark);
+        while at_least.is_some_and(|n| freed(now) < n) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(100));
+            now = free()?;
+        }
+        self.free_mark = Some(now);
+        let said = format!("{} blocks of 4 KiB freed since the mark ({mark} -> {now} free)", freed(now));
+        let low = at_least.filter(|&n| freed(now) < n).map(|n| format!("expected at least {n}"));
+        let high = below.filter(|&n| freed(now) >= n).map(|n| format!("expected fewer than {n}"));
+        match low.or(high) {
+            None => Ok(said),
+            Some(want) => Err(StepError::mismatch(format!("mismatch: {said}, {want}"))),
+        }
     }
 
     /// `verify_file`: `read()` of the scenario's file returns the client's

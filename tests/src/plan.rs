@@ -373,6 +373,20 @@ pub enum Action {
         /// Destination file name.
         to: String,
     },
+    /// `unlink()` the scenario's file.
+    Unlink,
+    /// `statfs` of the mount (after `sync`): how many 4 KiB blocks were freed
+    /// since this process's previous `free_blocks` step. The first one only
+    /// records the count. `mismatch` unless at least `at_least` (waiting up
+    /// to 5 s: inodes are freed in the background) and fewer than `below`.
+    FreeBlocks {
+        /// At least this many blocks must have been freed.
+        #[serde(default)]
+        at_least: Option<u64>,
+        /// Fewer than this many blocks may have been freed.
+        #[serde(default)]
+        below: Option<u64>,
+    },
     /// Read `/proc/locks`: `ok` when the leases on the scenario's file are
     /// exactly `expect` (their kinds as /proc/locks names them: `LAYOUT`,
     /// `LEASE`, `DELEG`; empty = none), `mismatch` otherwise.
@@ -436,6 +450,8 @@ impl Action {
             Action::SwapExt { .. } => "swapext",
             Action::CheckLocks { .. } => "check_locks",
             Action::Clone { .. } => "clone",
+            Action::Unlink => "unlink",
+            Action::FreeBlocks { .. } => "free_blocks",
         }
     }
 }

@@ -152,6 +152,14 @@ pub enum FallocMode {
     InsertRange,
     /// `FALLOC_FL_ZERO_RANGE`.
     ZeroRange,
+    /// `FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE`.
+    ZeroRangeKeepSize,
+    /// `FALLOC_FL_UNSHARE_RANGE`.
+    UnshareRange,
+    /// Mode 0: allocate (and extend the size).
+    Allocate,
+    /// `FALLOC_FL_KEEP_SIZE`: preallocate without changing the size.
+    KeepSize,
 }
 
 impl FallocMode {
@@ -162,6 +170,10 @@ impl FallocMode {
             FallocMode::CollapseRange => 0x08,
             FallocMode::InsertRange => 0x20,
             FallocMode::ZeroRange => 0x10,
+            FallocMode::ZeroRangeKeepSize => 0x10 | 0x01,
+            FallocMode::UnshareRange => 0x40,
+            FallocMode::Allocate => 0,
+            FallocMode::KeepSize => 0x01,
         }
     }
 }

@@ -275,6 +275,66 @@ pub fn clone(kind: CloneKind, from: &Path, to: &Path) -> Result<String, StepErro
     Ok(format!("{what} = 0 in {} us", t.elapsed().as_micros()))
 }
 
+const FS_IOC_FSGETXATTR: libc::c_ulong = 0x801C_581F;
+const FS_IOC_FSSETXATTR: libc::c_ulong = 0x401C_5820;
+const FS_XFLAG_DAX: u32 = 0x8000;
+/// `XFS_IOC_EXCHANGE_RANGE`: `_IOW('X', 129, struct xfs_exchange_range)` (40 bytes).
+const XFS_IOC_EXCHANGE_RANGE: libc::c_ulong = 0x4028_5881;
+
+/// `dax_flag`: set or clear `FS_XFLAG_DAX` on directory `dir`.
+pub fn dax_flag(dir: &Path, on: bool) -> Result<String, StepError> {
+    let d = File::open(dir).map_err(|e| io(e, format!("open({})", dir.display())))?;
+    // struct fsxattr: fsx_xflags first, 28 bytes in all.
+    let mut fsx = [0u32; 7];
+    // SAFETY: `fsx` is a struct fsxattr-sized, 4-aligned buffer alive across the call.
+    if unsafe { libc::ioctl(d.as_raw_fd(), FS_IOC_FSGETXATTR as _, fsx.as_mut_ptr()) } < 0 {
+        return Err(StepError::last_os(format!("ioctl({}, FS_IOC_FSGETXATTR)", dir.display())));
+    }
+    fsx[0] = if on { fsx[0] | FS_XFLAG_DAX } else { fsx[0] & !FS_XFLAG_DAX };
+    // SAFETY: as above; the kernel only reads it.
+    if unsafe { libc::ioctl(d.as_raw_fd(), FS_IOC_FSSETXATTR as _, fsx.as_ptr()) } < 0 {
+        return Err(StepError::last_os(format!("ioctl({}, FS_IOC_FSSETXATTR)", dir.display())));
+    }
+    Ok(format!(
+        "FS_XFLAG_DAX {} on {}: new files in it are{} DAX",
+        if on { "set" } else { "cleared" },
+        dir.display(),
+        if on { "" } else { " not" }
+    ))
+}
+
+/// Whether `path` is DAX now (`STATX_ATTR_DAX`), for messages.
+fn dax_word(path: &Path) -> &'static str {
+    match crate::region::path_is_dax(path) {
+        Ok(true) => "DAX",
+        Ok(false) => "not DAX",
+        Err(_) => "DAX unknown",
+    }
+}
+
+/// `exchange_range`: `XFS_IOC_EXCHANGE_RANGE` of the first 2 MiB of `file`
+/// and `with` (the ioctl goes to `file`, `with` is file1).
+pub fn exchange_range(file: &Path, with: &Path) -> Result<String, StepError> {
+    let open = |p: &Path| {
+        OpenOptions::new().read(true).write(true).open(p).map_err(|e| io(e, format!("open({}, O_RDWR)", p.display())))
+    };
+    let (f2, f1) = (open(file)?, open(with)?);
+    let kinds = format!("{} is {}, {} is {}", file.display(), dax_word(file), with.display(), dax_word(with));
+    // struct xfs_exchange_range: file1_fd (s32) + pad, file1_offset,
+    // file2_offset, length, flags.
+    let args: [u64; 5] = [f1.as_raw_fd() as u32 as u64, 0, 0, 2 << 20, 0];
+    // SAFETY: `args` is a struct xfs_exchange_range the kernel only reads.
+    if unsafe { libc::ioctl(f2.as_raw_fd(), XFS_IOC_EXCHANGE_RANGE as _, args.as_ptr()) } < 0 {
+        let e = StepError::last_os(format!(
+            "ioctl({}, XFS_IOC_EXCHANGE_RANGE, with {}) ({kinds})",
+            file.display(),
+            with.display()
+        ));
+        return Err(e);
+    }
+    Ok(format!("XFS_IOC_EXCHANGE_RANGE exchanged 2 MiB of {} and {} ({kinds})", file.display(), with.display()))
+}
+
 /// `XFS_IOC_SWAPEXT`: `_IOWR('X', 109, struct xfs_swapext)` (192 bytes).
 const XFS_IOC_SWAPEXT: libc::c_ulong = 0xC0C0_586D;
 /// `XFS_IOC_FSBULKSTAT_SINGLE`: `_IOWR('X', 102, struct xfs_fsop_bulkreq)`.

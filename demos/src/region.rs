@@ -312,6 +312,11 @@ impl Region {
     }
 }
 
+/// Whether `path` is DAX now (`statx`'s `STATX_ATTR_DAX`).
+pub fn path_is_dax(path: &Path) -> Result<bool, StepError> {
+    statx_dax(None, path)
+}
+
 /// `statx(fd, "", AT_EMPTY_PATH)` (or `statx(AT_FDCWD, path)` without an
 /// fd) and the `STATX_ATTR_DAX` bit.
 fn statx_dax(file: Option<&File>, path: &Path) -> Result<bool, StepError> {

@@ -188,6 +188,10 @@ impl Worker {
                 let path = |n: &str| if n == "SELF" { self.ctx.file(0) } else { Path::new(PMEM_MNT).join(n) };
                 crate::oracle::clone(*kind, &path(from), &path(to))
             }
+            Action::DaxFlag { on } => crate::oracle::dax_flag(Path::new(PMEM_MNT), *on),
+            Action::ExchangeRange { with } => {
+                crate::oracle::exchange_range(&self.ctx.file(0), &Path::new(PMEM_MNT).join(with))
+            }
             Action::Unlink => {
                 let p = self.ctx.file(0);
                 std::fs::remove_file(&p).map_err(|e| io_err(e, format!("unlink({})", p.display())))?;

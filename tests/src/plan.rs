@@ -399,6 +399,20 @@ pub enum Action {
         #[serde(default)]
         below: Option<u64>,
     },
+    /// Set (`on: true`) or clear `FS_XFLAG_DAX` on the mount's root
+    /// directory (`FS_IOC_FSSETXATTR`): files created in it afterwards are
+    /// DAX, on a mount with `dax=inode`, only while it is set.
+    DaxFlag {
+        /// Set or clear.
+        on: bool,
+    },
+    /// `XFS_IOC_EXCHANGE_RANGE`: exchange the first 2 MiB of the scenario's
+    /// file with those of `with` (both opened read-write by this process).
+    /// `ENOTTY` on filesystems other than xfs.
+    ExchangeRange {
+        /// The other file on the mount, e.g. `S24-tmp.dat`.
+        with: String,
+    },
     /// Read `/proc/locks`: `ok` when the leases on the scenario's file are
     /// exactly `expect` (their kinds as /proc/locks names them: `LAYOUT`,
     /// `LEASE`, `DELEG`; empty = none), `mismatch` otherwise.
@@ -463,6 +477,8 @@ impl Action {
             Action::CheckLocks { .. } => "check_locks",
             Action::Clone { .. } => "clone",
             Action::Unlink => "unlink",
+            Action::DaxFlag { .. } => "dax_flag",
+            Action::ExchangeRange { .. } => "exchange_range",
             Action::FreeBlocks { .. } => "free_blocks",
         }
     }
@@ -488,6 +504,9 @@ pub enum DaxMode {
     Always,
     /// No file is DAX: ordinary page cache.
     Never,
+    /// A file is DAX if it (or, when it is created, its directory) has
+    /// `FS_XFLAG_DAX` (`chattr +x`).
+    Inode,
 }
 
 impl DaxMode {
@@ -496,6 +515,7 @@ impl DaxMode {
         match self {
             DaxMode::Always => "always",
             DaxMode::Never => "never",
+            DaxMode::Inode => "inode",
         }
     }
 }

@@ -299,10 +299,11 @@ impl Scenario {
                     | Action::Fallocate { .. }
                     | Action::Clone { .. }
                     | Action::SwapExt { .. }
+                    | Action::ExchangeRange { .. }
             );
             if step.may_block && (step.by != Proc::Other || !detachable) {
                 bail!(
-                    "{file}:{}:{}: step {} ('{}') is may_block, but only a truncate by path, a fallocate, a clone or a swapext run \
+                    "{file}:{}:{}: step {} ('{}') is may_block, but only a truncate by path, a fallocate, a clone, a swapext or an exchange_range run \
                      by `other` can be watched while it sleeps",
                     at.line(),
                     at.column(),

@@ -164,7 +164,8 @@ fn setup(fs: Fs, out: &mut Vec<StepResult>) -> Option<Lab> {
             // `-T default`: under 512 MiB mke2fs picks its "small" type, 1 KiB
             // blocks, which DAX refuses (it needs page-sized blocks).
             Fs::Ext4 => tool("mkfs.ext4", &["-q", "-F", "-T", "default", &pmem]),
-            Fs::Xfs => tool("mkfs.xfs", &["-q", "-f", &pmem]),
+            // exchange=1: XFS_IOC_EXCHANGE_RANGE needs the feature on disk (S24).
+            Fs::Xfs => tool("mkfs.xfs", &["-q", "-f", "-i", "exchange=1", &pmem]),
         }
         .map(|_| format!("{fs} on {pmem}"))
     );

@@ -341,9 +341,9 @@ pub type Placement = std::collections::BTreeMap<String, u64>;
 
 /// Whether `got` is where `want` says: every file `want` names holds exactly
 /// that many pattern blocks and no other file holds any. Free blocks are
-/// checked only where `want` names `free`: every scenario's client writes
-/// the same pattern, so blocks freed by an earlier scenario may still carry
-/// it (a few that the filesystem keeps in reserve are never reallocated).
+/// checked only where `want` names `free`: within one scenario, blocks the
+/// scenario itself freed (a truncate that went through, S19 on hazard) may
+/// still carry its pattern, and the spec says so where it matters.
 /// An empty `want` (`{}`) means nowhere at all, free blocks included: the
 /// region was never on the namespace.
 pub fn placed_as(got: &Placement, want: &Placement) -> bool {

@@ -99,6 +99,11 @@ fn bytemuck_u8(v: &mut [u64]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), len) }
 }
 
+/// `open(path, O_RDWR)`, as the ioctls that move blocks between two files need.
+fn open_rw(p: &Path) -> Result<File, StepError> {
+    OpenOptions::new().read(true).write(true).open(p).map_err(|e| io(e, format!("open({}, O_RDWR)", p.display())))
+}
+
 /// Every regular file under `dir`, recursively.
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(rd) = std::fs::read_dir(dir) else { return };
@@ -228,10 +233,7 @@ const CLONE_LEN: u64 = 2 << 20;
 
 /// `clone`: share `from`'s blocks with `to` with one of the reflink ioctls.
 pub fn clone(kind: CloneKind, from: &Path, to: &Path) -> Result<String, StepError> {
-    let open = |p: &Path| {
-        OpenOptions::new().read(true).write(true).open(p).map_err(|e| io(e, format!("open({}, O_RDWR)", p.display())))
-    };
-    let (src, dst) = (open(from)?, open(to)?);
+    let (src, dst) = (open_rw(from)?, open_rw(to)?);
     let what = format!("ioctl({}, {}, {})", to.display(), kind.name(), from.display());
     let t = std::time::Instant::now();
     let rc = match kind {
@@ -315,10 +317,7 @@ fn dax_word(path: &Path) -> &'static str {
 /// `exchange_range`: `XFS_IOC_EXCHANGE_RANGE` of the first 2 MiB of `file`
 /// and `with` (the ioctl goes to `file`, `with` is file1).
 pub fn exchange_range(file: &Path, with: &Path) -> Result<String, StepError> {
-    let open = |p: &Path| {
-        OpenOptions::new().read(true).write(true).open(p).map_err(|e| io(e, format!("open({}, O_RDWR)", p.display())))
-    };
-    let (f2, f1) = (open(file)?, open(with)?);
+    let (f2, f1) = (open_rw(file)?, open_rw(with)?);
     let kinds = format!("{} is {}, {} is {}", file.display(), dax_word(file), with.display(), dax_word(with));
     // struct xfs_exchange_range: file1_fd (s32) + pad, file1_offset,
     // file2_offset, length, flags.
@@ -349,10 +348,7 @@ const SWAPEXT_STAT: usize = 56;
 /// kernel checks that `target` did not change since its bulkstat, so that
 /// is taken first.
 pub fn swapext(target: &Path, tmp: &Path) -> Result<String, StepError> {
-    let open = |p: &Path| {
-        OpenOptions::new().read(true).write(true).open(p).map_err(|e| io(e, format!("open({}, O_RDWR)", p.display())))
-    };
-    let (t, x) = (open(target)?, open(tmp)?);
+    let (t, x) = (open_rw(target)?, open_rw(tmp)?);
     let meta = t.metadata().map_err(|e| io(e, format!("fstat({})", target.display())))?;
     let mut sx = vec![0u64; SWAPEXT_SIZE / 8];
     let mut ino: u64 = std::os::unix::fs::MetadataExt::ino(&meta);

@@ -7,7 +7,15 @@
 //! [`F_LAYOUT`]: pinlab_scenarios::plan::F_LAYOUT
 //! [`F_EXCLUSIVE`]: pinlab_scenarios::plan::F_EXCLUSIVE
 
+use std::ffi::CString;
+use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::ForkResult;
 
 use pinlab_scenarios::plan::LeaseKind;
 
@@ -49,6 +57,73 @@ pub fn get_lease(fd: impl AsFd) -> Result<i32, StepError> {
         return Err(StepError::last_os(format!("fcntl(fd {fd}, F_GETLEASE)")));
     }
     Ok(r)
+}
+
+/// Exit status of the [`try_lease_read_only`] child when `open` failed (errnos are below it).
+const CHILD_OPEN_FAILED: i32 = 250;
+
+/// `lease` with `read_only` or `uid`: `fcntl(F_SETLEASE, kind)` on a fresh
+/// `O_RDONLY` descriptor of `path`, from this process or, with `uid`, from a
+/// child process running as that user (and group). A lease that is granted
+/// is released and the descriptor closed again at once: the step asks only
+/// whether the kernel grants it.
+pub fn try_lease_read_only(path: &Path, kind: LeaseKind, uid: Option<u32>) -> Result<String, StepError> {
+    let what = format!(
+        "fcntl(F_SETLEASE, {} = {}) on a fresh O_RDONLY descriptor of {}",
+        kind.c_name(),
+        kind.arg(),
+        path.display()
+    );
+    let Some(uid) = uid else {
+        let f = File::open(path).map_err(|e| {
+            StepError::errno(e.raw_os_error().unwrap_or(0), format!("open({}, O_RDONLY): {e}", path.display()))
+        })?;
+        set_lease(&f, kind)?;
+        set_lease(&f, LeaseKind::Unlock)?;
+        return Ok(format!("{what} = 0 (released again)"));
+    };
+    let cpath = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| StepError::other(format!("{} contains a NUL byte", path.display())))?;
+    // SAFETY: the child only makes async-signal-safe system calls (setgroups,
+    // setresgid, setresuid, open, fcntl) on memory prepared before the fork,
+    // then _exit()s; it never returns into Rust code of this process.
+    match unsafe { nix::unistd::fork() }.map_err(|e| StepError::sys(e, "fork()"))? {
+        // SAFETY: in the child of the fork above: raw system calls on the
+        // C string made before the fork, ending in _exit (see above).
+        ForkResult::Child => unsafe {
+            let id = uid as libc::uid_t;
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(id, id, id) != 0
+                || libc::setresuid(id, id, id) != 0
+            {
+                libc::_exit(CHILD_OPEN_FAILED + 1);
+            }
+            let fd = libc::open(cpath.as_ptr(), libc::O_RDONLY);
+            if fd < 0 {
+                libc::_exit(CHILD_OPEN_FAILED);
+            }
+            let r = libc::fcntl(fd, libc::F_SETLEASE, kind.arg());
+            libc::_exit(if r < 0 { *libc::__errno_location() } else { 0 });
+        },
+        ForkResult::Parent { child } => {
+            let status = waitpid(child, None).map_err(|e| StepError::sys(e, format!("waitpid({child})")))?;
+            let code = match status {
+                WaitStatus::Exited(_, c) => c,
+                other => return Err(StepError::other(format!("the uid {uid} child ended with {other:?}"))),
+            };
+            match code {
+                0 => Ok(format!("{what}, as uid {uid} (pid {child}) = 0")),
+                CHILD_OPEN_FAILED => {
+                    Err(StepError::other(format!("uid {uid} (pid {child}) could not open {} O_RDONLY", path.display())))
+                }
+                c if c > CHILD_OPEN_FAILED => Err(StepError::other(format!("pid {child} could not become uid {uid}"))),
+                errno => Err(StepError::errno(
+                    errno,
+                    format!("{what}, as uid {uid} (pid {child}): {}", Errno::from_raw(errno).desc()),
+                )),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

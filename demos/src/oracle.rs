@@ -397,6 +397,54 @@ pub fn swapext(target: &Path, tmp: &Path) -> Result<String, StepError> {
     ))
 }
 
+/// `EXT4_IOC_MOVE_EXT`: `_IOWR('f', 15, struct move_extent)` (40 bytes).
+const EXT4_IOC_MOVE_EXT: u64 = 0xC028_660F;
+/// `EXT4_IOC_SWAP_BOOT`: `_IO('f', 17)`.
+const EXT4_IOC_SWAP_BOOT: u64 = 0x6611;
+
+/// `move_ext`: what `e4defrag` does: `EXT4_IOC_MOVE_EXT` on `orig` with
+/// `donor` as the donor, over all of `donor`'s 4 KiB blocks, so the donor's
+/// blocks end up in `orig`.
+pub fn move_ext(donor: &Path, orig: &Path) -> Result<String, StepError> {
+    let (d, o) = (open_rw(donor)?, open_rw(orig)?);
+    let len = d.metadata().map_err(|e| io(e, format!("fstat({})", donor.display())))?.len();
+    // struct move_extent: reserved (u32), donor_fd (u32), orig_start,
+    // donor_start, len (u64, in filesystem blocks), moved_len (u64, out).
+    let mut me = [0u64; 5];
+    me[0] = (d.as_raw_fd() as u32 as u64) << 32;
+    me[3] = len / 4096;
+    // SAFETY: `me` is a 40-byte, 8-aligned struct move_extent (little-endian:
+    // reserved in the low half of the first word, donor_fd in the high half)
+    // that lives across the call; the kernel writes moved_len into it.
+    let rc = unsafe { libc::ioctl(o.as_raw_fd(), EXT4_IOC_MOVE_EXT as _, me.as_mut_ptr()) };
+    if rc < 0 {
+        return Err(StepError::last_os(format!(
+            "ioctl({}, EXT4_IOC_MOVE_EXT, donor {})",
+            orig.display(),
+            donor.display()
+        )));
+    }
+    Ok(format!(
+        "EXT4_IOC_MOVE_EXT moved {} of {} blocks from {} into {}",
+        me[4],
+        me[3],
+        donor.display(),
+        orig.display()
+    ))
+}
+
+/// `swap_boot`: `EXT4_IOC_SWAP_BOOT` on `file`: its blocks and the boot
+/// loader inode's (inode 5) change places.
+pub fn swap_boot(file: &Path) -> Result<String, StepError> {
+    let f = open_rw(file)?;
+    // SAFETY: EXT4_IOC_SWAP_BOOT takes no argument.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), EXT4_IOC_SWAP_BOOT as _, 0) };
+    if rc < 0 {
+        return Err(StepError::last_os(format!("ioctl({}, EXT4_IOC_SWAP_BOOT)", file.display())));
+    }
+    Ok(format!("EXT4_IOC_SWAP_BOOT swapped the blocks of {} with the boot loader inode's", file.display()))
+}
+
 /// `fill`: fallocate every free block into `FILLER`. Several passes, each
 /// after a sync: blocks freed by earlier scenarios are busy until the
 /// journal commits (xfs busy extents, ext4's freed-data list), and closing

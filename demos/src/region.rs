@@ -34,6 +34,8 @@ pub enum RegionKind {
     File,
     /// `MAP_SHARED` mapping of a device-DAX character device.
     Devdax,
+    /// `MAP_SHARED` mapping of a shmem file (`memfd_create`).
+    Shm,
 }
 
 /// A mapped memory region. Unmapped on drop; the file (if any) stays open as
@@ -99,6 +101,17 @@ impl Region {
         let mut region = Region { ptr, len, kind: RegionKind::Anon, file: None, path: None, extra: Vec::new() };
         region.as_mut_slice().fill(0);
         Ok(region)
+    }
+
+    /// A fresh shmem file (`memfd_create`, as on tmpfs) of `len` bytes,
+    /// mapped `MAP_SHARED` read-write; the region keeps its descriptor.
+    pub fn shm(len: usize) -> Result<Region, StepError> {
+        let fd = nix::sys::memfd::memfd_create(c"pinlab-shm", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| StepError::sys(e, "memfd_create(\"pinlab-shm\")"))?;
+        let file = File::from(fd);
+        file.set_len(len as u64).map_err(|e| StepError::errno(io_errno(&e), format!("ftruncate(memfd, {len})")))?;
+        let ptr = map_shared(len, &file, "memfd, MAP_SHARED")?;
+        Ok(Region { ptr, len, kind: RegionKind::Shm, file: Some(file), path: None, extra: Vec::new() })
     }
 
     /// Create a fresh file at `path` (`O_CREAT|O_TRUNC|O_RDWR`, mode 0644),

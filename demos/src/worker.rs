@@ -174,13 +174,17 @@ impl Worker {
     pub fn exec(&mut self, action: &Action) -> Result<String, StepError> {
         match action {
             Action::Map { target, size, files } => self.map(*target, size.0 as usize, *files as usize),
-            Action::RegMr => self.reg_mr(None),
-            Action::RegMrRange { offset, len } => self.reg_mr(Some((offset.0 as usize, len.0 as usize))),
+            Action::RegMr => self.reg_mr(None, false),
+            Action::RegMrReadOnly => self.reg_mr(None, true),
+            Action::RegMrRange { offset, len } => self.reg_mr(Some((offset.0 as usize, len.0 as usize)), false),
             Action::RdmaWrite => self.rdma_write(),
             Action::RdmaRead => self.rdma_read(),
             Action::Verify => self.verify(),
             Action::DeregMr => self.dereg_mr(),
-            Action::Lease { kind } => self.lease(*kind),
+            Action::Lease { kind, read_only: false, uid: None } => self.lease(*kind),
+            Action::Lease { kind, read_only: _, uid } => {
+                crate::lease::try_lease_read_only(&self.ctx.file(0), *kind, *uid)
+            }
             Action::CheckLease { is } => self.check_lease(*is),
             Action::Truncate { size, via } => self.truncate(size.0, *via),
             Action::Fallocate { mode, offset, len } => self.fallocate(*mode, offset.0, len.0),
@@ -200,6 +204,8 @@ impl Worker {
             Action::FreeBlocks { at_least, below } => self.free_blocks(*at_least, *below),
             Action::CheckLocks { expect } => crate::oracle::check_locks(&self.ctx.file(0), expect),
             Action::SwapExt { with } => crate::oracle::swapext(&self.ctx.file(0), &Path::new(PMEM_MNT).join(with)),
+            Action::MoveExt { orig } => crate::oracle::move_ext(&self.ctx.file(0), &Path::new(PMEM_MNT).join(orig)),
+            Action::SwapBoot => crate::oracle::swap_boot(&self.ctx.file(0)),
             Action::Write { offset, len } => self.write(offset.0, len.0),
             Action::CloseFile => self.close_file(),
             Action::Unmap => self.unmap(),
@@ -248,6 +254,7 @@ impl Worker {
                 Region::files(&paths, len)?
             }
             Target::Devdax => Region::devdax(Path::new(&self.ctx.devdax), len)?,
+            Target::Shm => Region::shm(len)?,
         };
         let dax = r.is_dax()?;
         let what = match (target, dax) {
@@ -258,6 +265,7 @@ impl Worker {
                 d as u8
             ),
             (Target::Devdax, _) => format!("{} MAP_SHARED, {len} bytes at {:p}", self.ctx.devdax, r.as_mut_ptr()),
+            (Target::Shm, _) => format!("memfd (shmem) MAP_SHARED, {len} bytes at {:p}", r.as_mut_ptr()),
             _ => format!("anonymous MAP_SHARED, {len} bytes at {:p}", r.as_mut_ptr()),
         };
         if target == Target::File {
@@ -268,14 +276,15 @@ impl Worker {
         Ok(what)
     }
 
-    /// `reg_mr` on the last mapped region: all of it, or `(offset, len)` of it.
-    fn reg_mr(&mut self, part: Option<(usize, usize)>) -> Result<String, StepError> {
+    /// `reg_mr` on the last mapped region: all of it, or `(offset, len)` of
+    /// it; remote read access only when `read_only`.
+    fn reg_mr(&mut self, part: Option<(usize, usize)>, read_only: bool) -> Result<String, StepError> {
         let r = self.regions.last().ok_or_else(|| StepError::other("reg_mr before map"))?;
         let (off, len) = part.unwrap_or((0, r.len()));
         let Some(end) = off.checked_add(len).filter(|&end| end <= r.len()) else {
             return Err(StepError::other(format!("reg_mr range {off}+{len} is outside the {}-byte region", r.len())));
         };
-        let mr = device(&mut self.dev)?.reg_mr(r, off..end)?;
+        let mr = device(&mut self.dev)?.reg_mr_with(r, off..end, read_only)?;
         let d = format!(
             "MR #{}: lkey={:#x} rkey={:#x}, {len} bytes at {:p}",
             self.mrs.len() + 1,
@@ -759,7 +768,7 @@ mod tests {
         // Outside the region: refused before the RDMA device is even opened.
         let e = w.exec(&Action::RegMrRange { offset: Bytes(4096), len: Size(8192) }).unwrap_err();
         assert_eq!(e.message, "reg_mr range 4096+8192 is outside the 8192-byte region");
-        let e = w.exec(&Action::Lease { kind: LeaseKind::Read }).unwrap_err();
+        let e = w.exec(&Action::Lease { kind: LeaseKind::Read, read_only: false, uid: None }).unwrap_err();
         assert_eq!(e.message, "the other holds no descriptor of the file");
         assert_eq!(w.exec(&Action::Verify).unwrap_err().message, "verify without an MR");
         assert_eq!(w.exec(&Action::DeregMr).unwrap_err().message, "dereg_mr without an MR");

@@ -233,6 +233,9 @@ pub enum Action {
     },
     /// `ibv_reg_mr` on the whole of the last mapped region (local write, remote write).
     RegMr,
+    /// `ibv_reg_mr` on the whole of the last mapped region with remote read
+    /// access only: the kernel pins the pages without write intent.
+    RegMrReadOnly,
     /// `ibv_reg_mr` on part of the last mapped region.
     RegMrRange {
         /// Offset into the region.
@@ -258,6 +261,16 @@ pub enum Action {
     Lease {
         /// Which lease.
         kind: LeaseKind,
+        /// Use a fresh `O_RDONLY` descriptor of the scenario's file instead
+        /// (a lease granted on it is released and the descriptor closed
+        /// again at once).
+        #[serde(default)]
+        read_only: bool,
+        /// Try it from a child process running as this user id, on a fresh
+        /// `O_RDONLY` descriptor: a user who may read the file (mode 0644)
+        /// but does not own it. Implies `read_only`.
+        #[serde(default)]
+        uid: Option<u32>,
     },
     /// `fcntl(fd, F_GETLEASE)` must report `is` (`mismatch` otherwise).
     CheckLease {
@@ -421,6 +434,18 @@ pub enum Action {
         #[serde(default)]
         expect: Vec<String>,
     },
+    /// `EXT4_IOC_MOVE_EXT` (what `e4defrag` does): move all blocks of the
+    /// scenario's file (the donor) into `orig` (the original, same size),
+    /// both opened read-write by this process. `ENOTTY` on filesystems other
+    /// than ext4.
+    MoveExt {
+        /// The original file on the mount, e.g. `S23-orig.dat`.
+        orig: String,
+    },
+    /// `EXT4_IOC_SWAP_BOOT`: swap the scenario's file's blocks with those of
+    /// the boot loader inode (opened read-write by this process; needs
+    /// `CAP_SYS_ADMIN`). `ENOTTY` on filesystems other than ext4.
+    SwapBoot,
     /// `XFS_IOC_SWAPEXT` (what `xfs_fsr` does): swap all extents of the
     /// scenario's file with those of `with` (same size), both opened
     /// read-write by this process. `ENOTTY` on filesystems other than xfs.
@@ -446,7 +471,7 @@ impl Action {
     pub fn kind(&self) -> &'static str {
         match self {
             Action::Map { .. } => "map",
-            Action::RegMr | Action::RegMrRange { .. } => "reg_mr",
+            Action::RegMr | Action::RegMrReadOnly | Action::RegMrRange { .. } => "reg_mr",
             Action::Lease { .. } => "lease",
             Action::CheckLease { .. } => "check_lease",
             Action::Truncate { .. } => "truncate",
@@ -474,6 +499,8 @@ impl Action {
             Action::CheckFile { .. } => "check_file",
             Action::Locate { .. } => "locate",
             Action::SwapExt { .. } => "swapext",
+            Action::MoveExt { .. } => "move_ext",
+            Action::SwapBoot => "swap_boot",
             Action::CheckLocks { .. } => "check_locks",
             Action::Clone { .. } => "clone",
             Action::Unlink => "unlink",
@@ -494,6 +521,9 @@ pub enum Target {
     File,
     /// The device-DAX namespace `/dev/daxX.Y`, `MAP_SHARED`.
     Devdax,
+    /// A shmem file (`memfd_create`), `MAP_SHARED`: a regular file on no
+    /// filesystem under test, as on tmpfs.
+    Shm,
 }
 
 /// `-o dax=` modes (Documentation/filesystems/dax.rst).

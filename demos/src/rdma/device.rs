@@ -17,7 +17,7 @@ use sideway::ibverbs::device_context::{
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 
 use super::verbs::{raw_verbs, DeregMrFn, RawIbvMr, RawVerbs};
-use super::{io_text, mr_access, step, MR_ACCESS_TEXT, PORT};
+use super::{io_text, mr_access, mr_access_read_only, step, MR_ACCESS_READ_ONLY_TEXT, MR_ACCESS_TEXT, PORT};
 use crate::region::Region;
 use crate::StepError;
 
@@ -109,7 +109,14 @@ impl Device {
     /// holds its own page pins, and scenarios unmap registered memory on
     /// purpose; whoever uses the MR remotely keeps the region mapped.
     pub fn reg_mr(&self, region: &Region, range: Range<usize>) -> Result<Mr, StepError> {
-        let access = mr_access();
+        self.reg_mr_with(region, range, false)
+    }
+
+    /// [`Device::reg_mr`] with `IBV_ACCESS_REMOTE_READ` only when
+    /// `read_only`: the kernel then pins the pages without write intent.
+    pub fn reg_mr_with(&self, region: &Region, range: Range<usize>, read_only: bool) -> Result<Mr, StepError> {
+        let (access, access_text) =
+            if read_only { (mr_access_read_only(), MR_ACCESS_READ_ONLY_TEXT) } else { (mr_access(), MR_ACCESS_TEXT) };
         let Some((addr, len)) = span(region, &range) else {
             return Err(StepError::errno(
                 libc::EINVAL,
@@ -122,7 +129,7 @@ impl Device {
                 ),
             ));
         };
-        let what = format!("ibv_reg_mr({}, addr={addr:p}, len={len}, {MR_ACCESS_TEXT})", self.name);
+        let what = format!("ibv_reg_mr({}, addr={addr:p}, len={len}, {access_text})", self.name);
         // SAFETY: pd() is the live PD of this device (kept alive by self.pd).
         let pd = unsafe { self.pd.pd() }.as_ptr().cast::<c_void>();
         nix::errno::Errno::clear();

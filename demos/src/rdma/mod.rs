@@ -61,6 +61,15 @@ fn mr_access() -> AccessFlags {
 /// How [`mr_access`] reads in C, for messages.
 const MR_ACCESS_TEXT: &str = "IBV_ACCESS_LOCAL_WRITE|IBV_ACCESS_REMOTE_WRITE|IBV_ACCESS_REMOTE_READ";
 
+/// Access of a read-only MR: the remote side may only read it, so the
+/// kernel pins its pages without write intent.
+fn mr_access_read_only() -> AccessFlags {
+    AccessFlags::RemoteRead
+}
+
+/// How [`mr_access_read_only`] reads in C, for messages.
+const MR_ACCESS_READ_ONLY_TEXT: &str = "IBV_ACCESS_REMOTE_READ";
+
 // ---------------------------------------------------------------------------
 // errno out of sideway's error types.
 

@@ -206,6 +206,7 @@ impl Worker {
             Action::SwapExt { with } => crate::oracle::swapext(&self.ctx.file(0), &Path::new(PMEM_MNT).join(with)),
             Action::MoveExt { orig } => crate::oracle::move_ext(&self.ctx.file(0), &Path::new(PMEM_MNT).join(orig)),
             Action::SwapBoot => crate::oracle::swap_boot(&self.ctx.file(0)),
+            Action::CatchSigio => catch_sigio(),
             Action::Write { offset, len } => self.write(offset.0, len.0),
             Action::CloseFile => self.close_file(),
             Action::Unmap => self.unmap(),
@@ -730,6 +731,26 @@ pub fn wait_readable(fd: impl AsFd, timeout: Duration) -> Result<bool, StepError
             Ok(n) => return Ok(n > 0),
         }
     }
+}
+
+/// How many `SIGIO`s this process caught (see [`catch_sigio`]).
+static SIGIO_CAUGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+extern "C" fn on_sigio(_: libc::c_int) {
+    SIGIO_CAUGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `catch_sigio`: a `SIGIO` handler without `SA_RESTART`.
+fn catch_sigio() -> Result<String, StepError> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let act = SigAction::new(SigHandler::Handler(on_sigio), SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only increments an atomic counter, which is
+    // async-signal-safe.
+    unsafe { sigaction(Signal::SIGIO, &act) }.map_err(|e| StepError::sys(e, "sigaction(SIGIO)"))?;
+    Ok(format!(
+        "SIGIO handler installed (no SA_RESTART); {} caught so far",
+        SIGIO_CAUGHT.load(std::sync::atomic::Ordering::Relaxed)
+    ))
 }
 
 #[cfg(test)]

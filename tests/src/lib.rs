@@ -30,11 +30,23 @@ pub enum Flavor {
     /// allows long-term pins of FS-DAX pages again (as before v4.15) and can
     /// make truncate wait for them (v4.18+) or free them at once (before).
     Hazard,
+    /// Stock with `kernel-config/debug/` (KASAN, lockdep, the hang
+    /// detectors): built on demand, to tell whether a splat seen on `debug`
+    /// is the series' or was there before. Expects what stock does.
+    #[serde(rename = "stock-debug")]
+    StockDebug,
+    /// Patched with `kernel-config/debug/`. Expects what patched does, and
+    /// no splat.
+    Debug,
 }
 
 impl Flavor {
     /// Every flavor, in report order.
-    pub const ALL: [Flavor; 3] = [Flavor::Stock, Flavor::Patched, Flavor::Hazard];
+    pub const ALL: [Flavor; 5] = [Flavor::Stock, Flavor::Patched, Flavor::Hazard, Flavor::StockDebug, Flavor::Debug];
+
+    /// The flavors scenario specs name in their expectations; the debug
+    /// flavors expect what their [`Flavor::base`] does.
+    pub const SPEC: [Flavor; 3] = [Flavor::Stock, Flavor::Patched, Flavor::Hazard];
 
     /// The name used on the command line, in paths and in specs.
     pub fn name(self) -> &'static str {
@@ -42,7 +54,24 @@ impl Flavor {
             Flavor::Stock => "stock",
             Flavor::Patched => "patched",
             Flavor::Hazard => "hazard",
+            Flavor::StockDebug => "stock-debug",
+            Flavor::Debug => "debug",
         }
+    }
+
+    /// The flavor whose source, patches and expectations this one shares:
+    /// itself, or for a debug flavor the one it adds the checkers to.
+    pub fn base(self) -> Flavor {
+        match self {
+            Flavor::StockDebug => Flavor::Stock,
+            Flavor::Debug => Flavor::Patched,
+            f => f,
+        }
+    }
+
+    /// A kernel with KASAN, lockdep and the hang detectors (`kernel-config/debug/`).
+    pub fn is_debug(self) -> bool {
+        self.base() != self
     }
 }
 
@@ -55,10 +84,9 @@ impl fmt::Display for Flavor {
 impl std::str::FromStr for Flavor {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
-        Flavor::ALL
-            .into_iter()
-            .find(|f| f.name() == s)
-            .ok_or_else(|| anyhow::anyhow!("unknown kernel flavor '{s}' (expected stock, patched or hazard)"))
+        Flavor::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+            anyhow::anyhow!("unknown kernel flavor '{s}' (expected stock, patched, hazard, debug or stock-debug)")
+        })
     }
 }
 

@@ -442,6 +442,10 @@ pub enum Action {
         /// The original file on the mount, e.g. `S23-orig.dat`.
         orig: String,
     },
+    /// Install a `SIGIO` handler that does nothing (without `SA_RESTART`):
+    /// a lease break the process causes itself then interrupts its own call
+    /// (`EINTR`) instead of killing it, as `SIGIO`'s default action would.
+    CatchSigio,
     /// `EXT4_IOC_SWAP_BOOT`: swap the scenario's file's blocks with those of
     /// the boot loader inode (opened read-write by this process; needs
     /// `CAP_SYS_ADMIN`). `ENOTTY` on filesystems other than ext4.
@@ -501,6 +505,7 @@ impl Action {
             Action::SwapExt { .. } => "swapext",
             Action::MoveExt { .. } => "move_ext",
             Action::SwapBoot => "swap_boot",
+            Action::CatchSigio => "catch_sigio",
             Action::CheckLocks { .. } => "check_locks",
             Action::Clone { .. } => "clone",
             Action::Unlink => "unlink",

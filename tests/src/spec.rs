@@ -117,6 +117,13 @@ impl<'de> Deserialize<'de> for ExpectKey {
             None => (s.as_str(), None),
         };
         let flavor = fl.parse::<Flavor>().map_err(|e| de::Error::custom(format!("expect key '{s}': {e}")))?;
+        if flavor.is_debug() {
+            return Err(de::Error::custom(format!(
+                "expect key '{s}': the {flavor} kernel expects what {} does; write '{}' instead",
+                flavor.base(),
+                flavor.base()
+            )));
+        }
         let fs =
             fs.map(|f| f.parse::<Fs>()).transpose().map_err(|e| de::Error::custom(format!("expect key '{s}': {e}")))?;
         Ok(ExpectKey { flavor: Some(flavor), fs })
@@ -161,6 +168,7 @@ impl<'de> Deserialize<'de> for Expect {
 impl Expect {
     /// The outcome expected on `flavor` with `fs`, if the step runs there.
     pub fn for_cell(&self, flavor: Flavor, fs: Fs) -> Option<&Outcome> {
+        let flavor = flavor.base();
         match self {
             Expect::All(o) => Some(o),
             Expect::By(m) => m
@@ -204,6 +212,7 @@ pub struct Step {
 impl Step {
     /// Where a `locate` step's blocks must be on `flavor`/`fs`, if the spec says.
     pub fn placement_for(&self, flavor: Flavor, fs: Fs) -> Option<&BTreeMap<String, u64>> {
+        let flavor = flavor.base();
         let m = &self.placement;
         m.get(&ExpectKey { flavor: Some(flavor), fs: Some(fs) })
             .or_else(|| m.get(&ExpectKey { flavor: Some(flavor), fs: None }))
@@ -340,7 +349,7 @@ impl Scenario {
             }
             blocking_before |= step.may_block;
         }
-        for flavor in Flavor::ALL {
+        for flavor in Flavor::SPEC {
             for fs in Fs::ALL {
                 let mut stopped: Option<usize> = None;
                 for (i, step) in self.steps.iter().enumerate() {
@@ -409,7 +418,7 @@ impl Scenario {
             fork_before |= matches!(step.action, Action::Fork);
             send_before |= matches!(step.action, Action::SendUverbs { .. });
         }
-        for flavor in Flavor::ALL {
+        for flavor in Flavor::SPEC {
             for fs in Fs::ALL {
                 let mut forked = false;
                 let mut sent = false;
@@ -568,6 +577,17 @@ steps:
         assert_eq!(sc.expected(Flavor::Patched, Fs::Xfs)[1], Some(Outcome::Errno("EOPNOTSUPP".into())));
         assert_eq!(sc.expected(Flavor::Patched, Fs::Ext4)[1], Some(Outcome::Errno("EPERM".into())));
         assert!(sc.uses_fs);
+        // The debug kernels expect what their base flavor does.
+        for fs in Fs::ALL {
+            assert_eq!(sc.expected(Flavor::Debug, fs), sc.expected(Flavor::Patched, fs));
+            assert_eq!(sc.expected(Flavor::StockDebug, fs), sc.expected(Flavor::Stock, fs));
+        }
+    }
+
+    #[test]
+    fn debug_flavors_are_not_expectation_keys() {
+        let e = p(&GOOD.replace("hazard: ok}", "hazard: ok, debug: EPERM}")).unwrap_err().to_string();
+        assert!(e.contains("expect key 'debug'") && e.contains("write 'patched' instead"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,11 @@ pub enum SplatKind {
     KernelPanic,
     /// A KASAN report.
     Kasan,
+    /// A KFENCE report (`BUG: KFENCE: …`).
+    Kfence,
+    /// `BUG: sleeping function called from invalid context` or
+    /// `scheduling while atomic` (DEBUG_ATOMIC_SLEEP).
+    AtomicSleep,
     /// A UBSAN report.
     Ubsan,
     /// A lockdep report.
@@ -38,6 +43,8 @@ impl SplatKind {
         match self {
             SplatKind::KernelPanic => "Kernel panic",
             SplatKind::Kasan => "KASAN",
+            SplatKind::Kfence => "KFENCE",
+            SplatKind::AtomicSleep => "sleep in atomic context",
             SplatKind::Ubsan => "UBSAN",
             SplatKind::Lockdep => "lockdep",
             SplatKind::HungTask => "hung task",
@@ -79,6 +86,34 @@ pub struct Splat {
     /// The scenario the guest was running when the kernel printed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scenario: Option<String>,
+    /// Where the guest was: `scenario S05, step 4 (truncate)` (from the
+    /// runner's events, which share the console with the kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub during: Option<String>,
+    /// The report: this line and the kernel lines after it, at most
+    /// [`REPORT_LINES`] (the runner's own lines left out).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub report: Vec<String>,
+}
+
+/// How many console lines of a splat's report are kept.
+pub const REPORT_LINES: usize = 30;
+
+impl Splat {
+    /// A splat found at 1-based console `line`, with nothing else known yet.
+    pub fn new(kind: SplatKind, line: usize, text: &str) -> Splat {
+        let text = text.trim_end().to_string();
+        Splat { kind, line, report: vec![text.clone()], text, scenario: None, during: None }
+    }
+
+    /// Add a console line that follows the splat; false once the report is full.
+    pub fn extend_report(&mut self, line: &str) -> bool {
+        if self.report.len() >= REPORT_LINES {
+            return false;
+        }
+        self.report.push(line.trim_end().to_string());
+        self.report.len() < REPORT_LINES
+    }
 }
 
 /// (kind, substring) pairs; checked after stripping the printk timestamp.
@@ -86,14 +121,24 @@ const PATTERNS: &[(SplatKind, &str)] = &[
     // Specific kinds first: their lines also say "BUG:" or "WARNING:".
     (SplatKind::KernelPanic, "Kernel panic - not syncing"),
     (SplatKind::Kasan, "KASAN: "),
+    (SplatKind::Kfence, "KFENCE: "),
     (SplatKind::Ubsan, "UBSAN: "),
+    (SplatKind::AtomicSleep, "sleeping function called from invalid context"),
+    (SplatKind::AtomicSleep, "scheduling while atomic"),
     (SplatKind::Lockdep, "possible circular locking dependency detected"),
     (SplatKind::Lockdep, "possible recursive locking detected"),
+    (SplatKind::Lockdep, "possible irq lock inversion dependency detected"),
     (SplatKind::Lockdep, "inconsistent lock state"),
     (SplatKind::Lockdep, "suspicious RCU usage"),
+    (SplatKind::Lockdep, "bad unlock balance detected"),
+    (SplatKind::Lockdep, "held lock freed"),
+    (SplatKind::Lockdep, "lock held when returning to user space"),
+    (SplatKind::Lockdep, "lock held at task exit time"),
     (SplatKind::HungTask, "blocked for more than"),
     (SplatKind::SoftLockup, "soft lockup - CPU#"),
+    (SplatKind::RcuStall, "self-detected stall on CPU"),
     (SplatKind::RcuStall, "rcu_sched self-detected stall"),
+    (SplatKind::RcuStall, "detected stalls on CPUs/tasks"),
     (SplatKind::RcuStall, "rcu: INFO: rcu_preempt detected stalls"),
     (SplatKind::GeneralProtectionFault, "general protection fault"),
     (SplatKind::Oops, "Oops: "),
@@ -124,12 +169,7 @@ pub fn splat_in_line(line: &str) -> Option<SplatKind> {
 
 /// Every splat in a whole console log.
 pub fn scan(log: &str) -> Vec<Splat> {
-    log.lines()
-        .enumerate()
-        .filter_map(|(i, l)| {
-            splat_in_line(l).map(|kind| Splat { kind, line: i + 1, text: l.trim_end().to_string(), scenario: None })
-        })
-        .collect()
+    log.lines().enumerate().filter_map(|(i, l)| splat_in_line(l).map(|kind| Splat::new(kind, i + 1, l))).collect()
 }
 
 #[cfg(test)]
@@ -153,6 +193,31 @@ PINLAB-DONE
         assert_eq!(scan(CLEAN), vec![]);
     }
 
+    /// Real reports, captured from the debug kernel's console (LKDTM via
+    /// debugfs; see xtask/tests/fixtures/splats/README.md): each file's
+    /// first splat is the kind its name says.
+    #[test]
+    fn captured_debug_reports_are_recognised() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/splats");
+        let mut seen = 0;
+        for e in fs_err::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|x| x.to_str()) != Some("log") {
+                continue;
+            }
+            let want: SplatKind = serde_json::from_value(serde_json::Value::String(
+                p.file_stem().unwrap().to_string_lossy().split('.').next().unwrap().to_string(),
+            ))
+            .unwrap_or_else(|e| panic!("{}: the file name does not start with a splat kind: {e}", p.display()));
+            let log = fs_err::read_to_string(&p).unwrap();
+            let s = scan(&log);
+            assert!(!s.is_empty(), "{}: no splat found", p.display());
+            assert_eq!(s[0].kind, want, "{}: {}", p.display(), s[0].text);
+            seen += 1;
+        }
+        assert!(seen >= 6, "only {seen} captured reports in {}", dir.display());
+    }
+
     #[test]
     fn each_splat_kind_fails() {
         let cases = [
@@ -168,6 +233,11 @@ PINLAB-DONE
             ("[  243.000000] INFO: task truncate:123 blocked for more than 120 seconds.", SplatKind::HungTask),
             ("[    3.000000] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [qemu:1]", SplatKind::SoftLockup),
             ("[    3.000000] UBSAN: shift-out-of-bounds in fs/locks.c:10:2", SplatKind::Ubsan),
+            ("[    3.000000] BUG: KFENCE: use-after-free read in lkdtm_kfence_read_after_free+0x1a/0x30", SplatKind::Kfence),
+            ("[    3.000000] BUG: sleeping function called from invalid context at mm/gup.c:1200", SplatKind::AtomicSleep),
+            ("[    3.000000] BUG: scheduling while atomic: truncate/77/0x00000002", SplatKind::AtomicSleep),
+            ("[    3.000000] WARNING: lock held when returning to user space!", SplatKind::Lockdep),
+            ("[    3.000000] rcu: INFO: rcu_preempt self-detected stall on CPU", SplatKind::RcuStall),
         ];
         for (text, kind) in cases {
             let log = format!("{CLEAN}{text}\n");

@@ -93,6 +93,8 @@ xflags::xflags! {
         cmd test {
             /// Only the unit tests (no kernel build, no VM).
             optional --unit
+            /// Also the whole matrix on the debug kernel (patched + KASAN, lockdep, hang detectors).
+            optional --debug
             /// kvm or tcg (default: what the KVM probe found).
             optional --accel accel: Accel
             /// Fail if Debian no longer serves a pinned version (default: use the current one and say so).

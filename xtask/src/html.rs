@@ -95,6 +95,8 @@ fn matrix(s: &mut String, r: &RunResults) {
             Flavor::Stock => "stock 6.12",
             Flavor::Patched => "patched 6.12",
             Flavor::Hazard => "hazard (teaching kernel)",
+            Flavor::StockDebug => "stock-debug (stock + KASAN, lockdep)",
+            Flavor::Debug => "debug (patched + KASAN, lockdep)",
         };
         let _ = write!(s, "<th colspan=\"2\">{label}</th>");
     }
@@ -294,7 +296,20 @@ fn boots(s: &mut String, r: &RunResults) {
                 "none".to_string()
             } else {
                 problems.append(&mut noticed.clone());
-                esc(&problems.join("; "))
+                let reports: String = b
+                    .splats
+                    .iter()
+                    .filter(|sp| sp.report.len() > 1)
+                    .map(|sp| {
+                        format!(
+                            "<details><summary>{} report (console.log:{})</summary><pre>{}</pre></details>",
+                            esc(sp.kind.name()),
+                            sp.line,
+                            esc(&sp.report.join("\n"))
+                        )
+                    })
+                    .collect();
+                format!("{}{reports}", esc(&problems.join("; ")))
             },
             c = esc(&b.console)
         );

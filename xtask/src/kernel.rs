@@ -175,18 +175,33 @@ pub fn dropped_options(wants: &BTreeMap<String, Want>, config: &str) -> Vec<(Wan
 
 /// The fragments, sorted by file name, as (path relative to the repo, text).
 pub fn read_fragments() -> Result<Vec<(String, String)>> {
-    let dir = util::project_root().join("kernel-config");
+    read_fragments_in("kernel-config")
+}
+
+/// The fragments `flavor` is configured with: `kernel-config/*.config`,
+/// and for the debug flavors `kernel-config/debug/*.config` after them.
+pub fn fragments_of(flavor: Flavor) -> Result<Vec<(String, String)>> {
+    let mut v = read_fragments()?;
+    if flavor.is_debug() {
+        v.extend(read_fragments_in("kernel-config/debug")?);
+    }
+    Ok(v)
+}
+
+/// The `*.config` files of `rel` (relative to the repo), sorted by name.
+fn read_fragments_in(rel: &str) -> Result<Vec<(String, String)>> {
+    let dir = util::project_root().join(rel);
     let mut out = Vec::new();
     for e in fs_err::read_dir(&dir).with_context(|| format!("Failed to read {}", dir.display()))? {
         let p = e?.path();
         if p.extension().and_then(|x| x.to_str()) == Some("config") {
             let text = fs_err::read_to_string(&p).with_context(|| format!("Failed to read {}", p.display()))?;
-            out.push((format!("kernel-config/{}", p.file_name().unwrap_or_default().to_string_lossy()), text));
+            out.push((format!("{rel}/{}", p.file_name().unwrap_or_default().to_string_lossy()), text));
         }
     }
     out.sort();
     if out.is_empty() {
-        bail!("no kernel-config/*.config fragments found in {}", dir.display());
+        bail!("no {rel}/*.config fragments found in {}", dir.display());
     }
     Ok(out)
 }
@@ -200,10 +215,10 @@ pub fn read_series() -> Result<Vec<(String, Vec<u8>)>> {
 /// `kernel-patches/`, contents): none for stock, `series` for patched,
 /// `hazard/series` for hazard.
 pub fn series_of(flavor: Flavor) -> Result<Vec<(String, Vec<u8>)>> {
-    match flavor {
-        Flavor::Stock => Ok(Vec::new()),
+    match flavor.base() {
         Flavor::Patched => read_series(),
         Flavor::Hazard => read_series_file("hazard/series"),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -481,10 +496,16 @@ pub fn make(cache: &Cache, srctree: &Path, build_dir: &Path, args: &[&str]) -> C
     c
 }
 
-/// `.config` = tinyconfig + the fragments, then check nothing was dropped.
-pub fn configure(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, label: &str) -> Result<()> {
-    let fragments = read_fragments()?;
-    let wants = parse_fragments(&fragments)?;
+/// `.config` = tinyconfig + `fragments`, then check nothing was dropped.
+pub fn configure(
+    cache: &Cache,
+    srctree: &Path,
+    build_dir: &Path,
+    log: &Path,
+    label: &str,
+    fragments: &[(String, String)],
+) -> Result<()> {
+    let wants = parse_fragments(fragments)?;
     let pb = ui::spinner(format!("{label}: configuring (tinyconfig + {} fragments)", fragments.len()));
     util::run_logged(make(cache, srctree, build_dir, &["tinyconfig"]), log, |_| {})
         .context("Failed to make tinyconfig")?;
@@ -492,7 +513,7 @@ pub fn configure(cache: &Cache, srctree: &Path, build_dir: &Path, log: &Path, la
     // splits paths with spaces): each fragment option replaces the base's.
     let cfg_path = build_dir.join(".config");
     let base = fs_err::read_to_string(&cfg_path).with_context(|| format!("Failed to read {}", cfg_path.display()))?;
-    util::write_atomic(&cfg_path, merge_config(&base, &fragments).as_bytes())?;
+    util::write_atomic(&cfg_path, merge_config(&base, fragments).as_bytes())?;
     util::run_logged(make(cache, srctree, build_dir, &["olddefconfig"]), log, |_| {})
         .context("Failed to make olddefconfig")?;
     pb.finish_and_clear();
@@ -643,7 +664,7 @@ pub fn bzimage_problem(bytes: &[u8]) -> Option<String> {
 /// a complete, verified one is there (nothing is built or fetched).
 pub fn cached(cache: &Cache, flavor: Flavor, sources: &Sources) -> Result<Option<Kernel>> {
     let series = series_of(flavor)?;
-    let key = cache_key(&debian_source_id(&sources.kernel_version), &series, &read_fragments()?);
+    let key = cache_key(&debian_source_id(&sources.kernel_version), &series, &fragments_of(flavor)?);
     let out_dir = cache.root.join("kernels").join(format!("{}-{key}", flavor.name()));
     if !out_dir.exists() || kernel_problems(&out_dir, &key).is_some() {
         return Ok(None);
@@ -709,10 +730,10 @@ fn seed_from_stock(cache: &Cache, sources: &Sources, build_dir: &Path, flavor: F
 /// only if its manifest and header check out; otherwise it is rebuilt with
 /// one line saying why.
 pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) -> Result<Kernel> {
-    let fragments = read_fragments()?;
+    let fragments = fragments_of(flavor)?;
     parse_fragments(&fragments)?;
     let series = series_of(flavor)?;
-    if flavor != Flavor::Stock && series.is_empty() {
+    if flavor.base() != Flavor::Stock && series.is_empty() {
         bail!(
             "the {flavor} flavor needs patches: {} lists none yet",
             if flavor == Flavor::Hazard { "kernel-patches/hazard/series" } else { "kernel-patches/series" }
@@ -766,7 +787,9 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) 
         Some(_) => cache.dir("build")?.join(&build_name),
         None => srctree.join(BUILD_SUBDIR),
     };
-    if tree_path.is_none() && flavor != Flavor::Stock {
+    // A debug configuration changes every object's compiler flags: the
+    // stock build's objects would all be compiled again.
+    if tree_path.is_none() && flavor != Flavor::Stock && !flavor.is_debug() {
         seed_from_stock(cache, sources, &build_dir, flavor)?;
     }
     fs_err::create_dir_all(&build_dir).with_context(|| format!("Failed to create {}", build_dir.display()))?;
@@ -775,7 +798,7 @@ pub fn build(cache: &Cache, flavor: Flavor, source: &Source, sources: &Sources) 
     let t = Instant::now();
     eprintln!("kernel {flavor}: building in {} (log: {})", build_dir.display(), log.display());
 
-    configure(cache, &srctree, &build_dir, &log, &format!("kernel {flavor}"))?;
+    configure(cache, &srctree, &build_dir, &log, &format!("kernel {flavor}"), &fragments)?;
     let n = compile(cache, &srctree, &build_dir, &log, &format!("kernel {flavor}"))?;
     let built = build_dir.join("arch/x86/boot/bzImage");
     let staging = util::staging_path(&out_dir);

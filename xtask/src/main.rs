@@ -117,7 +117,7 @@ fn real_main() -> Result<u8> {
             sh.locked,
         )
         .map(|()| 0)?,
-        flags::XtaskCmd::Test(t) => test::run(&cache, t.unit, t.accel, t.locked)?.code(),
+        flags::XtaskCmd::Test(t) => test::run(&cache, t.unit, t.debug, t.accel, t.locked)?.code(),
         flags::XtaskCmd::Bench(b) => ok(bench::bench(
             &cache,
             bench::BenchOpts { flavor: b.flavor, fss: b.fs, reps: b.reps, accel: b.accel, locked: b.locked },

@@ -71,9 +71,28 @@ pub struct NoticedSplat {
     pub reason: String,
 }
 
-/// `kind at console.log:N: text`.
+/// `kind at console.log:N: text`, with where the guest was if known.
 pub fn splat_line(s: &Splat) -> String {
-    format!("{} at console.log:{}: {}", s.kind, s.line, s.text)
+    match &s.during {
+        Some(d) => format!("{} at console.log:{} ({d}): {}", s.kind, s.line, s.text),
+        None => format!("{} at console.log:{}: {}", s.kind, s.line, s.text),
+    }
+}
+
+/// The splat's report lines as an indented block for report.md (empty
+/// when only its first line is known).
+pub fn splat_report_md(s: &Splat) -> String {
+    if s.report.len() <= 1 {
+        return String::new();
+    }
+    let mut out = String::from("\n\n    ```\n");
+    for l in &s.report {
+        out.push_str("    ");
+        out.push_str(l);
+        out.push('\n');
+    }
+    out.push_str("    ```");
+    out
 }
 
 /// `name: outcome (detail)`.
@@ -218,7 +237,10 @@ pub fn table(r: &RunResults) -> String {
     const W: usize = 22;
     let mut s = String::new();
     let _ = write!(s, "{:<4}", "id");
-    for fl in Flavor::ALL {
+    // The three flavors specs are written for, and a debug one if it ran.
+    let flavors: Vec<Flavor> =
+        Flavor::ALL.into_iter().filter(|f| !f.is_debug() || r.results.iter().any(|c| c.flavor == *f)).collect();
+    for &fl in &flavors {
         for fs in Fs::ALL {
             let _ = write!(s, " {:<W$}", format!("{fl}/{fs}"));
         }
@@ -226,7 +248,7 @@ pub fn table(r: &RunResults) -> String {
     s.push('\n');
     for spec in &r.scenarios {
         let _ = write!(s, "{:<4}", spec.id);
-        for fl in Flavor::ALL {
+        for &fl in &flavors {
             for fs in Fs::ALL {
                 let text = if !spec.uses_fs && fs != Fs::Ext4 {
                     "(no fs)".to_string()
@@ -326,7 +348,7 @@ pub fn markdown(r: &RunResults) -> String {
             b.failure.as_ref().map(|f| format!("\n  - **failed:** {}", f.replace('\n', " "))).unwrap_or_default()
         );
         for sp in &b.splats {
-            let _ = writeln!(s, "  - **kernel splat:** `{}`", splat_line(sp));
+            let _ = writeln!(s, "  - **kernel splat:** `{}`{}", splat_line(sp), splat_report_md(sp));
         }
         for n in &b.noticed {
             let _ = writeln!(s, "  - the kernel noticed (expected here): `{}` — {}", splat_line(&n.splat), n.reason);

@@ -110,7 +110,7 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
         unchanged_prefix(&old, &keys)
     };
     eprintln!("check-series: base {} (log {})", sources.kernel_version, log.display());
-    kernel::configure(cache, &tree, &build_dir, &log, "check-series base")?;
+    kernel::configure(cache, &tree, &build_dir, &log, "check-series base", &kernel::read_fragments()?)?;
     if keep == 0 {
         reset_to_base(&tree)?;
         let t = Instant::now();

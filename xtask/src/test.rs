@@ -5,10 +5,12 @@ use crate::qemu::Accel;
 use crate::run::Verdict;
 use crate::util::{self, Cache};
 use anyhow::{Context, Result};
+use pinlab_scenarios::Flavor;
 use std::process::Command;
 
-/// Run the suite; returns how it went.
-pub fn run(cache: &Cache, unit_only: bool, accel: Option<Accel>, locked: bool) -> Result<Verdict> {
+/// Run the suite; returns how it went. With `debug`, the whole matrix runs
+/// again on the debug kernel after the demo flavors.
+pub fn run(cache: &Cache, unit_only: bool, debug: bool, accel: Option<Accel>, locked: bool) -> Result<Verdict> {
     crate::host::ensure(&[crate::host::Need::Demos, crate::host::Need::Test], false)?;
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(util::project_root()).args(["test", "--workspace"]);
@@ -32,10 +34,24 @@ pub fn run(cache: &Cache, unit_only: bool, accel: Option<Accel>, locked: bool) -
     let passed = cells.iter().filter(|c| c.pass).count();
     // The plain closing line CI reads.
     println!("scenarios: {} passed, {} failed", passed, cells.len() - passed);
-    Ok(match verdict {
+    let verdict = match verdict {
         Verdict::Pass if html_ok && drift_ok && rerender_ok => Verdict::Pass,
         Verdict::Pass => Verdict::Fail,
         v => v,
+    };
+    if !debug {
+        return Ok(verdict);
+    }
+    eprintln!("test --debug: every scenario again on the debug kernel (patched + KASAN, lockdep, hang detectors)");
+    let opts = crate::run::RunOpts { flavors: vec![Flavor::Debug], accel, locked, ..Default::default() };
+    let debug_verdict = crate::run::run(cache, opts)?;
+    let run_dir = crate::run::last_run_dir().context("the debug run recorded no directory")?;
+    let res = crate::report::RunResults::load(&run_dir.join("results.json"))?;
+    let passed = res.results.iter().filter(|c| c.pass).count();
+    println!("debug scenarios: {} passed, {} failed", passed, res.results.len() - passed);
+    Ok(match (verdict, debug_verdict) {
+        (Verdict::Pass, v) => v,
+        (v, _) => v,
     })
 }
 

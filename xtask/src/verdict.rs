@@ -335,7 +335,7 @@ mod tests {
         let deadline = boot_problem(&boot(BootEnd::RunDeadline { after_s: 90.0 }, None)).unwrap();
         assert!(deadline.infra);
         assert!(deadline.text.starts_with("watchdog: no progress for 1m30s; QEMU killed while the guest was in scenario S05, step 4 (truncate). Console: /run/x/stock-ext4/console.log; it last printed:\n    [ 1.0] last line"), "{}", deadline.text);
-        let splat = Splat { kind: SplatKind::Oops, line: 7, text: "Oops: 0000".into(), scenario: None };
+        let splat = Splat::new(SplatKind::Oops, 7, "Oops: 0000");
         let crash = boot_problem(&boot(BootEnd::KernelCrashed { splat }, None)).unwrap();
         assert!(!crash.infra);
         assert!(
@@ -377,10 +377,12 @@ mod tests {
         )
         .unwrap();
         let warn = |sc: &str| Splat {
-            kind: SplatKind::Warning,
-            line: 9,
-            text: "[ 5.1] WARNING: CPU: 0 PID: 77 at fs/dax.c:390 dax_disassociate_entry+0x5b/0x70".into(),
             scenario: Some(sc.into()),
+            ..Splat::new(
+                SplatKind::Warning,
+                9,
+                "[ 5.1] WARNING: CPU: 0 PID: 77 at fs/dax.c:390 dax_disassociate_entry+0x5b/0x70",
+            )
         };
         let mut b = boot(BootEnd::Completed { rc: 0 }, Some(clean()));
         b.splats = vec![warn("S20")];
@@ -405,10 +407,12 @@ mod tests {
         )
         .unwrap();
         let warn = |sc: &str| Splat {
-            kind: SplatKind::Warning,
-            line: 9,
-            text: "WARNING: CPU: 0 PID: 77 at fs/dax.c:390 dax_disassociate_entry+0x5b/0x70".into(),
             scenario: Some(sc.into()),
+            ..Splat::new(
+                SplatKind::Warning,
+                9,
+                "WARNING: CPU: 0 PID: 77 at fs/dax.c:390 dax_disassociate_entry+0x5b/0x70",
+            )
         };
         let mut b = boot(BootEnd::Completed { rc: 0 }, Some(clean()));
         // Both ran: WARN_ON_ONCE fired in the first, and only there.

@@ -461,6 +461,8 @@ pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
         fs_err::File::create(&console_path).with_context(|| format!("Failed to create {}", console_path.display()))?;
     let mut tail: std::collections::VecDeque<String> = Default::default();
     let mut splats: Vec<Splat> = Vec::new();
+    // Splats whose report lines are still being collected.
+    let mut collecting: Vec<usize> = Vec::new();
     let mut to_runner = None;
     let mut end: Option<BootEnd> = None;
     let mut done: Option<i32> = None;
@@ -527,18 +529,22 @@ pub fn boot(spec: BootSpec<'_>) -> Result<Boot> {
                     }
                     last_progress = Instant::now();
                     (spec.on_event)(&BootEvent::Guest(ev));
-                } else if let Some(kind) = console::splat_in_line(&line) {
-                    let splat = Splat {
-                        kind,
-                        line: lineno,
-                        text: line.trim_end().to_string(),
-                        scenario: progress.scenario.clone(),
-                    };
-                    if hang.is_none() && kind.is_hang() {
-                        hang = Some((Instant::now(), line.clone()));
+                } else if !line.starts_with("pinlab-") {
+                    // A kernel line: part of the reports still being printed.
+                    collecting.retain(|&i| splats.get_mut(i).is_some_and(|s: &mut Splat| s.extend_report(&line)));
+                    if let Some(kind) = console::splat_in_line(&line) {
+                        let splat = Splat {
+                            scenario: progress.scenario.clone(),
+                            during: Some(progress.describe(spec.plan)),
+                            ..Splat::new(kind, lineno, &line)
+                        };
+                        if hang.is_none() && kind.is_hang() {
+                            hang = Some((Instant::now(), line.clone()));
+                        }
+                        (spec.on_event)(&BootEvent::Splat(splat.clone()));
+                        collecting.push(splats.len());
+                        splats.push(splat);
                     }
-                    (spec.on_event)(&BootEvent::Splat(splat.clone()));
-                    splats.push(splat);
                 }
                 tail.push_back(line);
                 if tail.len() > 15 {
@@ -616,6 +622,17 @@ mod tests {
     /// Boot a fake QEMU (a shell script printing `console` lines) with a
     /// fake virtiofsd that only creates its socket, and tight deadlines.
     fn fake_boot(console: &str) -> (Boot, Vec<BootEvent>) {
+        let plan = Plan {
+            flavor: pinlab_scenarios::Flavor::Stock,
+            fs: pinlab_scenarios::Fs::Ext4,
+            scenarios: Vec::new(),
+            selftests: Vec::new(),
+            bench: None,
+        };
+        fake_boot_with(console, &plan)
+    }
+
+    fn fake_boot_with(console: &str, plan: &Plan) -> (Boot, Vec<BootEvent>) {
         let d = tempfile::tempdir().unwrap();
         let script = |name: &str, body: &str| {
             let p = d.path().join(name);
@@ -630,13 +647,6 @@ mod tests {
         let (rootfs, dir) = (d.path().join("rootfs"), d.path().join("boot"));
         fs_err::create_dir_all(&rootfs).unwrap();
         fs_err::create_dir_all(&dir).unwrap();
-        let plan = Plan {
-            flavor: pinlab_scenarios::Flavor::Stock,
-            fs: pinlab_scenarios::Fs::Ext4,
-            scenarios: Vec::new(),
-            selftests: Vec::new(),
-            bench: None,
-        };
         let mut seen = Vec::new();
         let mut on_event = |e: &BootEvent| seen.push(e.clone());
         let qemu = qemu::QemuBin::program(&qemu);
@@ -646,7 +656,7 @@ mod tests {
             virtiofsd: &vfs,
             rootfs: &rootfs,
             dir: &dir,
-            plan: &plan,
+            plan,
             accel: Accel::Tcg,
             deadlines: Deadlines {
                 boot: Duration::from_secs(2),
@@ -724,6 +734,62 @@ mod tests {
         assert_eq!(out.during, "before the first scenario (lab setup or selftests)");
         assert!(out.end.is_infra());
         assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_splat_keeps_its_report_and_where_the_guest_was() {
+        use pinlab_scenarios::plan::{Action, Bytes, PlannedScenario, PlannedStep, Proc, Size, Target, TruncVia};
+        use pinlab_scenarios::protocol::StepOutcome;
+        let step = |name: &str, by: Proc, action: Action| PlannedStep {
+            name: name.into(),
+            action,
+            by,
+            probe: false,
+            may_block: false,
+        };
+        let plan = Plan {
+            flavor: pinlab_scenarios::Flavor::Debug,
+            fs: pinlab_scenarios::Fs::Ext4,
+            scenarios: vec![PlannedScenario {
+                id: "S05".into(),
+                title: "t".into(),
+                steps: vec![
+                    step("map", Proc::Holder, Action::Map { target: Target::File, size: Size(4096), files: 1 }),
+                    step("truncate", Proc::Other, Action::Truncate { size: Bytes(0), via: TruncVia::Path }),
+                ],
+            }],
+            selftests: Vec::new(),
+            bench: None,
+        };
+        let finished = GuestEvent::StepFinished {
+            id: "S05".into(),
+            index: 0,
+            by: Proc::Holder,
+            name: "map".into(),
+            outcome: StepOutcome::Ok,
+            detail: String::new(),
+            located: None,
+        };
+        let mut lines = vec!["[ 5.0] ==================================================================".to_string()];
+        lines.push("[ 5.0] BUG: KASAN: slab-use-after-free in file_pins_hold_file+0x1c/0x80".into());
+        lines.extend((0..40).map(|i| format!("[ 5.0] frame {i}")));
+        let script = [
+            say(GuestEvent::RunnerStarted),
+            say(GuestEvent::ScenarioStarted { id: "S05".into(), title: "t".into() }),
+            say(finished),
+            "echo 'pinlab-runner: not the kernel'".into(),
+            lines.iter().map(|l| format!("echo '{l}'")).collect::<Vec<_>>().join("; "),
+            say(GuestEvent::Done { rc: 0 }),
+        ]
+        .join("; ");
+        let (out, _) = fake_boot_with(&script, &plan);
+        let sp = out.splats.iter().find(|s| s.kind == console::SplatKind::Kasan).expect("the KASAN report");
+        assert_eq!(sp.scenario.as_deref(), Some("S05"));
+        assert_eq!(sp.during.as_deref(), Some("scenario S05, step 2 (truncate)"));
+        assert_eq!(sp.report.len(), console::REPORT_LINES);
+        assert!(sp.report[0].contains("BUG: KASAN"));
+        assert_eq!(sp.report[1], "[ 5.0] frame 0");
+        assert!(sp.report.iter().all(|l| !l.starts_with("pinlab-")));
     }
 
     #[test]

@@ -393,10 +393,17 @@ impl<'a> Scene<'a> {
                 )));
             }
             if t.elapsed() > STEP_DEADLINE {
+                let stacks = kernel_stacks(live.pid);
+                // The evidence goes to the console too, next to the kernel's own reports.
+                println!("pinlab-runner: the {} (pid {}) is stuck in {}:", role.name(), live.pid, action.kind());
+                for l in stacks.lines() {
+                    println!("pinlab-runner:   {l}");
+                }
                 return Err(StepError::blocked(format!(
-                    "the {} did not answer {} within {STEP_DEADLINE:?}",
+                    "the {} did not answer {} within {STEP_DEADLINE:?}; where its threads sleep in the kernel: {}",
                     role.name(),
-                    action.kind()
+                    action.kind(),
+                    stacks.replace('\n', " | ")
                 )));
             }
         }
@@ -1011,6 +1018,42 @@ fn main() {
     res.fsck = Some(rec);
     write_results(&out, &res);
     println!("pinlab-runner: {} scenarios done at uptime {} ms", res.scenarios.len(), uptime_ms());
+}
+
+/// Where the threads of `pid` sleep in the kernel: each thread's
+/// `/proc/<pid>/task/<tid>/stack` (`wchan` when the kernel has no stack
+/// traces), one line per frame, for a step that did not return.
+fn kernel_stacks(pid: i32) -> String {
+    let mut out = String::new();
+    let dir = format!("/proc/{pid}/task");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return format!("{dir}: gone");
+    };
+    let mut tids: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    tids.sort();
+    for tid in tids {
+        let base = format!("{dir}/{tid}");
+        let state = std::fs::read_to_string(format!("{base}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.chars().next().unwrap_or('?')))
+            .unwrap_or('?');
+        match std::fs::read_to_string(format!("{base}/stack")) {
+            Ok(st) if !st.trim().is_empty() => {
+                out.push_str(&format!("thread {tid} (state {state}):\n"));
+                for l in st.lines() {
+                    out.push_str(&format!("  {}\n", l.trim()));
+                }
+            }
+            _ => {
+                let wchan = std::fs::read_to_string(format!("{base}/wchan")).unwrap_or_default();
+                out.push_str(&format!(
+                    "thread {tid} (state {state}): wchan {}\n",
+                    if wchan.is_empty() { "?" } else { &wchan }
+                ));
+            }
+        }
+    }
+    out.trim_end().to_string()
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod lease;
 pub mod oracle;
+pub mod race;
 pub mod rdma;
 pub mod region;
 pub mod worker;

@@ -207,6 +207,19 @@ impl Worker {
             Action::MoveExt { orig } => crate::oracle::move_ext(&self.ctx.file(0), &Path::new(PMEM_MNT).join(orig)),
             Action::SwapBoot => crate::oracle::swap_boot(&self.ctx.file(0)),
             Action::CatchSigio => catch_sigio(),
+            Action::RaceRegTruncate { seconds, hold_ms, max_ms } => {
+                device(&mut self.dev)?;
+                let (region, file) = self.last_file_region()?;
+                let dev = self.dev.as_ref().ok_or_else(|| StepError::other("no device"))?;
+                crate::race::reg_truncate(dev, region, file, *seconds, *hold_ms, *max_ms)
+            }
+            Action::RaceLeaseClose { seconds } => {
+                device(&mut self.dev)?;
+                let (region, _) = self.last_file_region()?;
+                let path = region.path().map(Path::to_path_buf).unwrap_or_else(|| self.ctx.file(0));
+                let dev = self.dev.as_ref().ok_or_else(|| StepError::other("no device"))?;
+                crate::race::lease_close(dev, region, &path, *seconds)
+            }
             Action::Write { offset, len } => self.write(offset.0, len.0),
             Action::CloseFile => self.close_file(),
             Action::Unmap => self.unmap(),
@@ -234,6 +247,17 @@ impl Worker {
                 self.role.name()
             ))),
         }
+    }
+
+    /// The last mapped region, which must be one file's mapping, and this
+    /// process's descriptor of that file.
+    fn last_file_region(&self) -> Result<(&Region, &File), StepError> {
+        let r = self.regions.last().ok_or_else(|| StepError::other("a race needs a mapped file (map first)"))?;
+        if r.kind() != crate::region::RegionKind::File {
+            return Err(StepError::other("a race needs the last mapped region to be one file's mapping"));
+        }
+        let f = self.files.last().ok_or_else(|| StepError::other("a race needs the mapped file's descriptor"))?;
+        Ok((r, f))
     }
 
     /// `map`: a fresh region of `len` bytes (`files` files of `len` bytes

@@ -458,6 +458,43 @@ pub enum Action {
         /// The other file on the mount, e.g. `S22-tmp.dat`.
         with: String,
     },
+    /// Race registration against truncation inside one process: this thread
+    /// loops `ibv_reg_mr` of the whole last mapped region (a file mapping),
+    /// keeps each MR `hold_ms` and deregisters it, while a second thread
+    /// loops `ftruncate()` of that file to half its size and back, for
+    /// `seconds`. The truncates that shrink the file unmap its second half,
+    /// so each registration finds the pages partly faulted in. `ok` when no
+    /// truncate took `max_ms` or longer (errors such as `EDEADLK` are fine:
+    /// the point is that nothing waits for a long-term pin); `mismatch`
+    /// naming the slowest truncate otherwise; the registrations' errno when
+    /// not one registration succeeded (there was nothing to race).
+    RaceRegTruncate {
+        /// How long to race. Default 8.
+        #[serde(default = "race_seconds")]
+        seconds: u32,
+        /// How long each MR lives. Default 1500: a truncate that waits for
+        /// a pin then takes at least this long.
+        #[serde(default = "race_hold_ms")]
+        hold_ms: u32,
+        /// The longest a truncate may take. Default 1000.
+        #[serde(default = "race_max_ms")]
+        max_ms: u32,
+    },
+    /// Race the lease's lifetime against registration inside one process: a
+    /// second thread loops `open(O_RDWR)`, `fcntl(F_SETLEASE,
+    /// F_LAYOUT|F_EXCLUSIVE)`, `close()` of the scenario's file, while this
+    /// thread loops `ibv_reg_mr`/`ibv_dereg_mr` of the last mapped region
+    /// (a mapping of another descriptor of the file), for `seconds`. A
+    /// registration can only succeed while the loop's lease exists, so many
+    /// meet a lease whose file is being closed. `ok` with the counts when at
+    /// least one registration succeeded, else the registrations' errno.
+    /// What must not happen shows in the console (a use-after-free or a
+    /// reference taken from zero), which the verdict checks.
+    RaceLeaseClose {
+        /// How long to race. Default 8.
+        #[serde(default = "race_seconds")]
+        seconds: u32,
+    },
     /// The data-placement oracle: read the whole fsdax namespace raw
     /// (`O_DIRECT` on the pmem block device), find every 4 KiB block that
     /// carries the client's pattern for a region of `len` bytes, and map
@@ -512,6 +549,8 @@ impl Action {
             Action::DaxFlag { .. } => "dax_flag",
             Action::ExchangeRange { .. } => "exchange_range",
             Action::FreeBlocks { .. } => "free_blocks",
+            Action::RaceRegTruncate { .. } => "race_reg_truncate",
+            Action::RaceLeaseClose { .. } => "race_lease_close",
         }
     }
 }
@@ -557,6 +596,18 @@ impl DaxMode {
 
 fn one() -> u32 {
     1
+}
+
+fn race_seconds() -> u32 {
+    8
+}
+
+fn race_hold_ms() -> u32 {
+    1500
+}
+
+fn race_max_ms() -> u32 {
+    1000
 }
 
 /// An offset or size that may be zero or unaligned: `0`, `3M`, `12345`.

@@ -338,6 +338,22 @@ impl Scenario {
                     step.name
                 );
             }
+            let race = match step.action {
+                Action::RaceRegTruncate { seconds, hold_ms, .. } => Some(u64::from(seconds) + u64::from(hold_ms) / 1000),
+                Action::RaceLeaseClose { seconds } => Some(u64::from(seconds)),
+                _ => None,
+            };
+            if let Some(s) = race.filter(|&s| s == 0 || s + 10 > crate::plan::STEP_DEADLINE_S) {
+                bail!(
+                    "{file}:{}:{}: step {} ('{}') races for {s} s; a race must last at least 1 s and end \
+                     10 s before the {} s step deadline",
+                    at.line(),
+                    at.column(),
+                    i + 1,
+                    step.name,
+                    crate::plan::STEP_DEADLINE_S
+                );
+            }
             if !step.placement.is_empty() && !matches!(step.action, Action::Locate { .. }) {
                 bail!(
                     "{file}:{}:{}: step {} ('{}') has a placement, but only `locate` steps find blocks",

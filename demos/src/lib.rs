@@ -7,6 +7,7 @@ pub mod oracle;
 pub mod race;
 pub mod rdma;
 pub mod region;
+pub mod slowfuse;
 pub mod worker;
 
 use pinlab_scenarios::protocol::StepOutcome;

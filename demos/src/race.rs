@@ -42,11 +42,7 @@ impl Tally {
 
     /// The most frequent errno, if any call failed with one.
     fn commonest_errno(&self) -> Option<i32> {
-        self.0
-            .iter()
-            .filter(|(k, _)| k.as_str() != "ok")
-            .max_by_key(|(_, n)| **n)
-            .and_then(|(k, _)| errno::number(k))
+        self.0.iter().filter(|(k, _)| k.as_str() != "ok").max_by_key(|(_, n)| **n).and_then(|(k, _)| errno::number(k))
     }
 }
 
@@ -133,12 +129,8 @@ pub fn reg_truncate(
     let len = region.len() as u64;
     let path = region.path().map(|p| p.display().to_string()).unwrap_or_else(|| "the file".into());
     let pages = small_pages(region)?;
-    let (regs, t) = race(
-        dev,
-        region,
-        Duration::from_millis(hold_ms.into()),
-        Duration::from_secs(seconds.into()),
-        |stop| {
+    let (regs, t) =
+        race(dev, region, Duration::from_millis(hold_ms.into()), Duration::from_secs(seconds.into()), |stop| {
             let mut t = Truncates::default();
             'outer: loop {
                 for size in [len / 2, len] {
@@ -160,8 +152,7 @@ pub fn reg_truncate(
                 }
             }
             t
-        },
-    )?;
+        })?;
     // Leave the file whole for the steps after the race.
     let restore = nix::unistd::ftruncate(file, len as libc::off_t);
     let said = format!(

@@ -96,6 +96,8 @@ pub struct Worker {
     written: Option<usize>,
     /// Free blocks at the previous `free_blocks` step.
     free_mark: Option<u64>,
+    /// A `slow_read` in flight.
+    slow: Option<crate::slowfuse::InFlight>,
 }
 
 fn io_err(e: std::io::Error, what: String) -> StepError {
@@ -125,6 +127,7 @@ impl Worker {
             rx_listener: None,
             written: None,
             free_mark: None,
+            slow: None,
         }
     }
 
@@ -207,6 +210,10 @@ impl Worker {
             Action::MoveExt { orig } => crate::oracle::move_ext(&self.ctx.file(0), &Path::new(PMEM_MNT).join(orig)),
             Action::SwapBoot => crate::oracle::swap_boot(&self.ctx.file(0)),
             Action::CatchSigio => catch_sigio(),
+            Action::SlowRead { offset, len, delay_ms } => self.slow_read(offset.0 as usize, len.0 as usize, *delay_ms),
+            Action::SlowReadWait => {
+                self.slow.take().ok_or_else(|| StepError::other("slow_read_wait without a slow_read"))?.wait()
+            }
             Action::RaceRegTruncate { seconds, hold_ms, max_ms } => {
                 device(&mut self.dev)?;
                 let (region, file) = self.last_file_region()?;
@@ -258,6 +265,21 @@ impl Worker {
         }
         let f = self.files.last().ok_or_else(|| StepError::other("a race needs the mapped file's descriptor"))?;
         Ok((r, f))
+    }
+
+    /// `slow_read`: see [`Action::SlowRead`].
+    fn slow_read(&mut self, offset: usize, len: usize, delay_ms: u32) -> Result<String, StepError> {
+        if self.slow.is_some() {
+            return Err(StepError::other("a slow_read is already in flight"));
+        }
+        let r = self.regions.last().ok_or_else(|| StepError::other("slow_read before map"))?;
+        if offset.checked_add(len).is_none_or(|end| end > r.len()) {
+            return Err(StepError::other(format!("slow_read {offset}+{len} is outside the {}-byte region", r.len())));
+        }
+        let addr = r.as_mut_ptr() as usize + offset;
+        let (inflight, said) = crate::slowfuse::start_read(addr, len, Duration::from_millis(delay_ms.into()))?;
+        self.slow = Some(inflight);
+        Ok(said)
     }
 
     /// `map`: a fresh region of `len` bytes (`files` files of `len` bytes

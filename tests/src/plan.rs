@@ -458,6 +458,23 @@ pub enum Action {
         /// The other file on the mount, e.g. `S22-tmp.dat`.
         with: String,
     },
+    /// Start a `read()` of `len` bytes from a FUSE file whose server answers
+    /// `delay_ms` late, into the last mapped region at `offset`, on a thread
+    /// of its own: direct I/O, so the kernel pins the buffer's pages
+    /// (FOLL_PIN, short-term, like `O_DIRECT` to a slow disk) until the
+    /// answer. `ok` once the server has the request, i.e. once the pages
+    /// are pinned; `slow_read_wait` collects the read.
+    SlowRead {
+        /// Where in the region the buffer starts.
+        offset: Bytes,
+        /// How many bytes to read.
+        len: Size,
+        /// How long the server keeps the request (and the pages pinned).
+        delay_ms: u32,
+    },
+    /// Wait for the `slow_read` of this process to return: `ok` with the
+    /// bytes it read and how long it took.
+    SlowReadWait,
     /// Race registration against truncation inside one process: this thread
     /// loops `ibv_reg_mr` of the whole last mapped region (a file mapping),
     /// keeps each MR `hold_ms` and deregisters it, while a second thread
@@ -549,6 +566,8 @@ impl Action {
             Action::DaxFlag { .. } => "dax_flag",
             Action::ExchangeRange { .. } => "exchange_range",
             Action::FreeBlocks { .. } => "free_blocks",
+            Action::SlowRead { .. } => "slow_read",
+            Action::SlowReadWait => "slow_read_wait",
             Action::RaceRegTruncate { .. } => "race_reg_truncate",
             Action::RaceLeaseClose { .. } => "race_lease_close",
         }

@@ -339,7 +339,9 @@ impl Scenario {
                 );
             }
             let race = match step.action {
-                Action::RaceRegTruncate { seconds, hold_ms, .. } => Some(u64::from(seconds) + u64::from(hold_ms) / 1000),
+                Action::RaceRegTruncate { seconds, hold_ms, .. } => {
+                    Some(u64::from(seconds) + u64::from(hold_ms) / 1000)
+                }
                 Action::RaceLeaseClose { seconds } => Some(u64::from(seconds)),
                 _ => None,
             };

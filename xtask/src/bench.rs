@@ -15,7 +15,7 @@ use crate::qemu::Accel;
 use crate::ui;
 use crate::util::{self, Cache};
 use crate::vm::{self, BootEvent, BootSpec, Deadlines};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use pinlab_scenarios::bench::{key, BenchPlan, BenchResults};
 use pinlab_scenarios::plan::Plan;
 use pinlab_scenarios::protocol::GuestEvent;
@@ -27,8 +27,10 @@ use std::time::Duration;
 /// What to measure.
 #[derive(Clone, Debug, Default)]
 pub struct BenchOpts {
-    /// Flavor (default: patched when the series exists, else stock).
-    pub flavor: Option<Flavor>,
+    /// Flavors, each booted once per filesystem (default: patched when the
+    /// series exists, else stock). With stock and patched, a comparison of
+    /// the two follows their tables.
+    pub flavors: Vec<Flavor>,
     /// Filesystems (default: both).
     pub fss: Vec<Fs>,
     /// Repetitions (default: [`BenchPlan::default`]).
@@ -133,15 +135,23 @@ fn machine(accel: Accel) -> String {
 
 /// `cargo xtask bench`.
 pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
-    let flavor = match opts.flavor {
-        Some(f) => f,
-        None if kernel::available_flavors()?.contains(&Flavor::Patched) => Flavor::Patched,
-        None => Flavor::Stock,
-    };
+    let mut flavors: Vec<Flavor> = Vec::new();
+    for f in &opts.flavors {
+        if !flavors.contains(f) {
+            flavors.push(*f);
+        }
+    }
+    if flavors.is_empty() {
+        flavors.push(if kernel::available_flavors()?.contains(&Flavor::Patched) {
+            Flavor::Patched
+        } else {
+            Flavor::Stock
+        });
+    }
     let fss = if opts.fss.is_empty() { Fs::ALL.to_vec() } else { opts.fss.clone() };
     let lab = crate::lab::prepare(
         cache,
-        &crate::lab::LabOpts { flavors: vec![flavor], accel: opts.accel, locked: opts.locked, ..Default::default() },
+        &crate::lab::LabOpts { flavors: flavors.clone(), accel: opts.accel, locked: opts.locked, ..Default::default() },
     )?;
     let accel = lab.accel;
     let mut plan_b = BenchPlan::default();
@@ -150,29 +160,79 @@ pub fn bench(cache: &Cache, opts: BenchOpts) -> Result<bool> {
         plan_b.reps = r;
     }
     let rootfs = &lab.rootfs;
-
-    let k = lab.kernels.first().context("the kernel did not build")?;
     let (id, dir) = crate::run::new_run_dir(&util::target_dir().join("bench"))?;
     let machine = machine(accel);
-    eprintln!(
-        "bench {id}: {flavor} kernel on {}; {machine}",
-        fss.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
-    );
-    let mut boots = Vec::new();
-    for &fs in &fss {
-        boots.push(boot_bench(&lab.qemu, &lab.virtiofsd, k, rootfs, &dir, fs, accel, &plan_b)?);
+    let mut benches = Vec::new();
+    for k in &lab.kernels {
+        let flavor = k.flavor;
+        eprintln!(
+            "bench {id}: {flavor} kernel on {}; {machine}",
+            fss.iter().map(|f| f.name()).collect::<Vec<_>>().join(", ")
+        );
+        let mut boots = Vec::new();
+        for &fs in &fss {
+            boots.push(boot_bench(&lab.qemu, &lab.virtiofsd, k, rootfs, &dir, fs, accel, &plan_b)?);
+        }
+        benches.push(Bench { id: id.clone(), machine: machine.clone(), flavor, plan: plan_b.clone(), boots });
     }
-    let b = Bench { id, machine, flavor, plan: plan_b, boots };
-    fs_err::write(dir.join("bench.json"), serde_json::to_vec_pretty(&b)?)?;
-    let text = table(&b);
-    fs_err::write(dir.join("bench.md"), format!("# pinlab bench {}\n\n```text\n{text}```\n", b.id))?;
+    anyhow::ensure!(!benches.is_empty(), "no kernel was built for {flavors:?}");
+    let mut text = benches.iter().map(table).collect::<Vec<_>>().join("\n");
+    let cmp = comparison(&benches);
+    if let Some(c) = &cmp {
+        text.push('\n');
+        text.push_str(c);
+    }
+    // One flavor: bench.json is that flavor's Bench, as before; several: a list.
+    let json = match benches.as_slice() {
+        [one] => serde_json::to_vec_pretty(one)?,
+        many => serde_json::to_vec_pretty(many)?,
+    };
+    fs_err::write(dir.join("bench.json"), json)?;
+    fs_err::write(dir.join("bench.md"), format!("# pinlab bench {id}\n\n```text\n{text}```\n"))?;
     println!("\n{text}");
     println!("Written to {}", dir.join("bench.json").display());
-    let measured = b.boots.iter().all(|bb| {
-        bb.failure.is_none()
-            && bb.guest.as_ref().is_some_and(|g| g.figures.iter().all(|f| f.error.is_none() || flavor == Flavor::Stock))
+    let measured = benches.iter().all(|b| {
+        b.boots.iter().all(|bb| {
+            bb.failure.is_none()
+                && bb
+                    .guest
+                    .as_ref()
+                    .is_some_and(|g| g.figures.iter().all(|f| f.error.is_none() || b.flavor == Flavor::Stock))
+        })
     });
     Ok(measured)
+}
+
+/// DESIGN.md: the series must not slow registrations of ordinary anonymous
+/// memory. The patched/stock ratio of the anonymous `ibv_reg_mr` medians per
+/// filesystem, when both flavors were benched; `None` otherwise.
+pub fn comparison(benches: &[Bench]) -> Option<String> {
+    let find = |f: Flavor| benches.iter().find(|b| b.flavor == f);
+    let (stock, patched) = (find(Flavor::Stock)?, find(Flavor::Patched)?);
+    let reg = patched.plan.reg_mib;
+    let mut s = String::new();
+    let _ = writeln!(s, "patched / stock (same machine, same plan)");
+    for pb in &patched.boots {
+        let Some(sb) = stock.boots.iter().find(|b| b.fs == pb.fs) else {
+            continue;
+        };
+        let target = Target::AtMost(1.05);
+        let cell = match (fig_median(pb, key::REG_ANON), fig_median(sb, key::REG_ANON)) {
+            (Ok(p), Ok(st)) if st > 0.0 => {
+                let r = p / st;
+                format!(
+                    "{r:.2}× ({p:.0} ms / {st:.0} ms)  {}{}",
+                    target.text("×"),
+                    if target.met(r) { " ✓" } else { " ✗" }
+                )
+            }
+            (Err(e), _) => format!("patched: {e}"),
+            (_, Err(e)) => format!("stock: {e}"),
+            _ => "stock: 0 ms".into(),
+        };
+        let _ = writeln!(s, "  ibv_reg_mr {reg} MiB anonymous, {}: {cell}", pb.fs);
+    }
+    Some(s)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -449,6 +509,22 @@ mod tests {
             guest: Some(BenchResults { figures }),
             failure: None,
         }
+    }
+
+    #[test]
+    fn comparison_is_the_patched_over_stock_anonymous_registration() {
+        let bench = |flavor, ms: f64| Bench {
+            id: "x".into(),
+            machine: "m".into(),
+            flavor,
+            plan: BenchPlan::default(),
+            boots: vec![boot(Fs::Ext4, vec![fig(key::REG_ANON, &[ms, ms, ms], None)])],
+        };
+        assert_eq!(comparison(&[bench(Flavor::Patched, 100.0)]), None);
+        let c = comparison(&[bench(Flavor::Stock, 100.0), bench(Flavor::Patched, 104.0)]).unwrap();
+        assert!(c.contains("ext4: 1.04× (104 ms / 100 ms)  ≤ 1.05× ✓"), "{c}");
+        let c = comparison(&[bench(Flavor::Stock, 100.0), bench(Flavor::Patched, 120.0)]).unwrap();
+        assert!(c.contains("1.20×") && c.contains("✗"), "{c}");
     }
 
     #[test]

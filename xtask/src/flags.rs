@@ -104,8 +104,9 @@ xflags::xflags! {
         /// Measure DESIGN.md's speed targets: boot to scenario start, ibv_reg_mr and RDMA WRITE
         /// into FS-DAX vs anonymous memory, how fast truncate over pinned pages fails.
         cmd bench {
-            /// Kernel flavor (default: patched when kernel-patches/ has a series, else stock).
-            optional --flavor flavor: Flavor
+            /// Kernel flavor(s) (default: patched when kernel-patches/ has a series, else stock).
+            /// `--flavor stock --flavor patched` adds the patched/stock comparison.
+            repeated --flavor flavor: Flavor
             /// Filesystem(s) (default: ext4 and xfs).
             repeated --fs fs: Fs
             /// Repetitions of each registration and bandwidth figure (default: 3).

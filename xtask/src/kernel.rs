@@ -189,7 +189,7 @@ pub fn fragments_of(flavor: Flavor) -> Result<Vec<(String, String)>> {
 }
 
 /// The `*.config` files of `rel` (relative to the repo), sorted by name.
-fn read_fragments_in(rel: &str) -> Result<Vec<(String, String)>> {
+pub fn read_fragments_in(rel: &str) -> Result<Vec<(String, String)>> {
     let dir = util::project_root().join(rel);
     let mut out = Vec::new();
     for e in fs_err::read_dir(&dir).with_context(|| format!("Failed to read {}", dir.display()))? {

@@ -120,7 +120,7 @@ fn real_main() -> Result<u8> {
         flags::XtaskCmd::Test(t) => test::run(&cache, t.unit, t.debug, t.accel, t.locked)?.code(),
         flags::XtaskCmd::Bench(b) => ok(bench::bench(
             &cache,
-            bench::BenchOpts { flavor: b.flavor, fss: b.fs, reps: b.reps, accel: b.accel, locked: b.locked },
+            bench::BenchOpts { flavors: b.flavor, fss: b.fs, reps: b.reps, accel: b.accel, locked: b.locked },
         )?),
         flags::XtaskCmd::Clean(c) => clean::clean(&cache, c.all).map(|()| 0)?,
         flags::XtaskCmd::KvmProbe(_) => kvm::child_main().map(|()| 0)?,

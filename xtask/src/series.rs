@@ -183,6 +183,16 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
             break;
         }
     }
+    if ok {
+        let r = coverage(cache, &tree, &build_dir, &series, &log);
+        ok &= r.is_ok();
+        let row = match r {
+            Ok(s) => format!("✓ coverage: {s}"),
+            Err(e) => format!("✗ coverage: {e:#}"),
+        };
+        eprintln!("{row}");
+        rows.push(row);
+    }
     println!("\n{}", rows.join("\n"));
     println!(
         "\ncheck-series: {} of {} patches checked in {} ({} unchanged and not rebuilt; --full rebuilds every \
@@ -194,6 +204,69 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
         build_dir.display()
     );
     Ok(ok)
+}
+
+/// The kernel C files the series changes (`+++ b/…` lines), in order of
+/// first appearance; user-space files under `tools/` are built elsewhere.
+pub fn touched_c_files(series: &[(String, Vec<u8>)]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for (_, bytes) in series {
+        for line in String::from_utf8_lossy(bytes).lines() {
+            let Some(path) = line.strip_prefix("+++ b/") else { continue };
+            if path.ends_with(".c") && !path.starts_with("tools/") && !out.iter().any(|p| p == path) {
+                out.push(path.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Compile, with `kernel-config/coverage/` on top of the lean fragments, every
+/// C file the series touches that the per-patch builds did not compile (no
+/// object in `build_dir`), on the tree with the whole series applied.
+fn coverage(
+    cache: &Cache,
+    tree: &std::path::Path,
+    build_dir: &std::path::Path,
+    series: &[(String, Vec<u8>)],
+    log: &std::path::Path,
+) -> Result<String> {
+    let touched = touched_c_files(series);
+    let missing: Vec<String> = touched
+        .iter()
+        .filter(|f| !build_dir.join(Path::new(f.as_str()).with_extension("o")).exists())
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return Ok(format!("all {} touched C files were compiled by the per-patch builds", touched.len()));
+    }
+    let t = Instant::now();
+    let cov_dir = cache.dir("build")?.join("check-coverage");
+    fs_err::create_dir_all(&cov_dir)?;
+    let mut fragments = kernel::read_fragments()?;
+    fragments.extend(kernel::read_fragments_in("kernel-config/coverage")?);
+    kernel::configure(cache, tree, &cov_dir, log, "check-series coverage", &fragments)?;
+    let objs: Vec<String> = missing.iter().map(|f| Path::new(f).with_extension("o").display().to_string()).collect();
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let mut args = vec![format!("-j{jobs}")];
+    args.extend(objs.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pb = crate::ui::spinner(format!("check-series coverage: compiling {}", objs.join(", ")));
+    let r = util::run_logged(kernel::make(cache, tree, &cov_dir, &args), log, |_| {});
+    pb.finish_and_clear();
+    r.with_context(|| {
+        format!("compiling {} with kernel-config/coverage failed; the full log is {}", objs.join(", "), log.display())
+    })?;
+    for o in &objs {
+        anyhow::ensure!(cov_dir.join(o).exists(), "make did not produce {o} (log: {})", log.display());
+    }
+    Ok(format!(
+        "{} of {} touched C files are outside the lean config; compiled with kernel-config/coverage in {}: {}",
+        missing.len(),
+        touched.len(),
+        util::since(t),
+        missing.join(", ")
+    ))
 }
 
 fn edit_tree(cache: &Cache) -> Result<std::path::PathBuf> {
@@ -285,6 +358,16 @@ mod tests {
         assert_eq!(unchanged_prefix(&rec(&[true, true, true]), &b), 1);
         assert_eq!(unchanged_prefix(&rec(&[true, false]), &a), 1, "a failed build is not reused");
         assert_eq!(unchanged_prefix(&Record::default(), &a), 0);
+    }
+
+    #[test]
+    fn touched_c_files_are_the_kernel_sources_of_the_diffs() {
+        let p = |t: &str| ("p".to_string(), t.as_bytes().to_vec());
+        let series = [
+            p("--- a/fs/dax.c\n+++ b/fs/dax.c\n--- a/include/linux/dax.h\n+++ b/include/linux/dax.h\n"),
+            p("+++ b/fs/dax.c\n+++ b/drivers/infiniband/hw/mlx5/mr.c\n+++ b/tools/testing/x/t.c\n"),
+        ];
+        assert_eq!(touched_c_files(&series), ["fs/dax.c", "drivers/infiniband/hw/mlx5/mr.c"]);
     }
 
     #[test]

@@ -197,7 +197,7 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
     println!(
         "\ncheck-series: {} of {} patches checked in {} ({} unchanged and not rebuilt; --full rebuilds every \
          prefix); checkpatch reports in {}",
-        rows.len(),
+        rows.iter().filter(|r| !r.contains(" coverage: ")).count(),
         series.len(),
         util::since(t0),
         keep,
@@ -243,8 +243,9 @@ fn coverage(
     let t = Instant::now();
     let cov_dir = cache.dir("build")?.join("check-coverage");
     fs_err::create_dir_all(&cov_dir)?;
-    let mut fragments = kernel::read_fragments()?;
-    fragments.extend(kernel::read_fragments_in("kernel-config/coverage")?);
+    let extra = kernel::read_fragments_in("kernel-config/coverage")?;
+    let mut fragments = without_options(kernel::read_fragments()?, &option_names(&extra));
+    fragments.extend(extra);
     kernel::configure(cache, tree, &cov_dir, log, "check-series coverage", &fragments)?;
     let objs: Vec<String> = missing.iter().map(|f| Path::new(f).with_extension("o").display().to_string()).collect();
     let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
@@ -267,6 +268,32 @@ fn coverage(
         util::since(t),
         missing.join(", ")
     ))
+}
+
+/// The `CONFIG_…` names that `fragments` set (`=…` or `is not set`).
+fn option_names(fragments: &[(String, String)]) -> Vec<String> {
+    fragments.iter().flat_map(|(_, text)| text.lines().filter_map(option_name)).map(str::to_string).collect()
+}
+
+fn option_name(line: &str) -> Option<&str> {
+    let l = line.trim();
+    let l = l.strip_prefix("# ").map(|r| r.strip_suffix(" is not set").unwrap_or("")).unwrap_or(l);
+    let name = l.split('=').next()?.trim();
+    name.starts_with("CONFIG_").then_some(name)
+}
+
+/// `fragments` without the lines that set any of `names`: the coverage
+/// fragment overrides the lean one there (the lean config turns Ethernet
+/// off, mlx5 needs it).
+fn without_options(fragments: Vec<(String, String)>, names: &[String]) -> Vec<(String, String)> {
+    fragments
+        .into_iter()
+        .map(|(file, text)| {
+            let kept: Vec<&str> =
+                text.lines().filter(|l| !option_name(l).is_some_and(|n| names.iter().any(|m| m == n))).collect();
+            (file, kept.join("\n") + "\n")
+        })
+        .collect()
 }
 
 fn edit_tree(cache: &Cache) -> Result<std::path::PathBuf> {
@@ -368,6 +395,18 @@ mod tests {
             p("+++ b/fs/dax.c\n+++ b/drivers/infiniband/hw/mlx5/mr.c\n+++ b/tools/testing/x/t.c\n"),
         ];
         assert_eq!(touched_c_files(&series), ["fs/dax.c", "drivers/infiniband/hw/mlx5/mr.c"]);
+    }
+
+    #[test]
+    fn coverage_options_replace_the_lean_ones() {
+        let lean = vec![(
+            "50-rdma.config".to_string(),
+            "CONFIG_INFINIBAND=y\n# CONFIG_ETHERNET is not set\nCONFIG_NET_VENDOR_MELLANOX=n\n".to_string(),
+        )];
+        let cov = vec![("cov".to_string(), "# comment\nCONFIG_ETHERNET=y\nCONFIG_NET_VENDOR_MELLANOX=y\n".to_string())];
+        let names = option_names(&cov);
+        assert_eq!(names, ["CONFIG_ETHERNET", "CONFIG_NET_VENDOR_MELLANOX"]);
+        assert_eq!(without_options(lean, &names)[0].1, "CONFIG_INFINIBAND=y\n");
     }
 
     #[test]

@@ -215,11 +215,17 @@ pub fn read_series() -> Result<Vec<(String, Vec<u8>)>> {
 /// `kernel-patches/`, contents): none for stock, `series` for patched,
 /// `hazard/series` for hazard.
 pub fn series_of(flavor: Flavor) -> Result<Vec<(String, Vec<u8>)>> {
-    match flavor.base() {
-        Flavor::Patched => read_series(),
-        Flavor::Hazard => read_series_file("hazard/series"),
-        _ => Ok(Vec::new()),
+    let mut series = match flavor.base() {
+        Flavor::Patched => read_series()?,
+        Flavor::Hazard => read_series_file("hazard/series")?,
+        _ => Vec::new(),
+    };
+    // The debug flavors add diagnostics after the series (an LKDTM trigger
+    // for a lockdep report), never anything the scenarios depend on.
+    if flavor.is_debug() {
+        series.extend(read_series_file("debug/series")?);
     }
+    Ok(series)
 }
 
 /// The patches a series file under `kernel-patches/` lists (names in it are

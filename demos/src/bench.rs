@@ -6,7 +6,7 @@
 //!   layout lease (target: the file costs at most 1.5× the anonymous memory);
 //! - RDMA WRITE bandwidth from an `rdma-client` process into both (target: at
 //!   least 0.9×), every byte verified afterwards;
-//! - how long `ftruncate` and `fallocate(PUNCH_HOLE)` over pinned pages take
+//! - how long the holder's `ftruncate` and `fallocate(PUNCH_HOLE)` over its pinned pages take
 //!   to fail (target: under 1 ms, i.e. nothing waits for the pin).
 //!
 //! Each figure is measured for real or carries the error that stopped it
@@ -91,16 +91,18 @@ fn write_and_verify(dev: &Device, region: &Region) -> Result<f64, StepError> {
     Ok(report.mib_per_s)
 }
 
-/// Time a call that must fail with ETXTBSY (a layout change over pinned
-/// pages). Success is an error of the bench: blocks under a live MR went away.
-fn timed_etxtbsy(what: &str, call: impl FnOnce() -> nix::Result<()>) -> Result<f64, StepError> {
+/// Time a call that must fail with EDEADLK: a layout change by the lease
+/// holder over pages it pinned itself, which goes through the busy-page scan
+/// (another process would be stopped earlier, by the lease, with ETXTBSY).
+/// Success is an error of the bench: blocks under a live MR went away.
+fn timed_refusal(what: &str, call: impl FnOnce() -> nix::Result<()>) -> Result<f64, StepError> {
     let t = Instant::now();
     let r = call();
     let took = t.elapsed();
     match r {
-        Ok(()) => Err(StepError::other(format!("{what} succeeded over pinned pages (expected ETXTBSY)"))),
-        Err(Errno::ETXTBSY) => Ok(took.as_secs_f64() * 1e6),
-        Err(e) => Err(StepError::errno(e as i32, format!("{what}: {} (expected ETXTBSY)", std::io::Error::from(e)))),
+        Ok(()) => Err(StepError::other(format!("{what} succeeded over pinned pages (expected EDEADLK)"))),
+        Err(Errno::EDEADLK) => Ok(took.as_secs_f64() * 1e6),
+        Err(e) => Err(StepError::errno(e as i32, format!("{what}: {} (expected EDEADLK)", std::io::Error::from(e)))),
     }
 }
 
@@ -146,18 +148,18 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
     let mut punch_first = figure(
         key::PUNCH_FIRST,
         format!(
-            "first fallocate(PUNCH_HOLE|KEEP_SIZE), 2 MiB in the middle of {pinned_what} (unmaps that range): ETXTBSY"
+            "first fallocate(PUNCH_HOLE|KEEP_SIZE), 2 MiB in the middle of {pinned_what} (unmaps that range): EDEADLK"
         ),
         "us",
     );
     let mut punch =
-        figure(key::PUNCH_PINNED, "later fallocate(PUNCH_HOLE|KEEP_SIZE) of the same range: ETXTBSY".into(), "us");
+        figure(key::PUNCH_PINNED, "later fallocate(PUNCH_HOLE|KEEP_SIZE) of the same range: EDEADLK".into(), "us");
     let mut trunc_first = figure(
         key::TRUNC_FIRST,
-        format!("first ftruncate(fd, 0) of {pinned_what} (unmaps the whole file from the process): ETXTBSY"),
+        format!("first ftruncate(fd, 0) of {pinned_what} (unmaps the whole file from the process): EDEADLK"),
         "us",
     );
-    let mut trunc = figure(key::TRUNC_PINNED, "later ftruncate(fd, 0) of the same file: ETXTBSY".into(), "us");
+    let mut trunc = figure(key::TRUNC_PINNED, "later ftruncate(fd, 0) of the same file: EDEADLK".into(), "us");
 
     let dev = match Device::open(None) {
         Ok(d) => d,
@@ -206,13 +208,13 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
         remove(&write_path);
     }
 
-    // Failing layout changes: register under the lease, release the lease
-    // (the pins stay), then truncate and punch must fail at once.
+    // Failing layout changes: register under the lease; the holder's own
+    // truncate and punch over its pins must then fail at once (EDEADLK:
+    // the lease keeps other processes out earlier, and it cannot be
+    // released while pinned).
     let pinned_path = mnt.join("bench-pinned");
     let pinned = leased_dax_file(&pinned_path, reg_len).and_then(|region| {
         let mr = dev.reg_mr(&region, 0..region.len())?;
-        let file = region.backing_file().ok_or_else(|| StepError::other("file region without a file"))?;
-        set_lease(file, LeaseKind::Unlock)?;
         Ok((region, mr))
     });
     match &pinned {
@@ -224,13 +226,13 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
             let punch_call = || fallocate(file.ok_or(Errno::EBADF)?, punch_mode, mid, two_mib);
             let trunc_call = || ftruncate(file.ok_or(Errno::EBADF)?, 0);
             let punch_name = "fallocate(PUNCH_HOLE|KEEP_SIZE)";
-            sample(&mut punch_first, progress, || timed_etxtbsy(punch_name, punch_call));
+            sample(&mut punch_first, progress, || timed_refusal(punch_name, punch_call));
             for _ in 0..plan.fail_reps {
-                sample(&mut punch, progress, || timed_etxtbsy(punch_name, punch_call));
+                sample(&mut punch, progress, || timed_refusal(punch_name, punch_call));
             }
-            sample(&mut trunc_first, progress, || timed_etxtbsy("ftruncate(fd, 0)", trunc_call));
+            sample(&mut trunc_first, progress, || timed_refusal("ftruncate(fd, 0)", trunc_call));
             for _ in 0..plan.fail_reps {
-                sample(&mut trunc, progress, || timed_etxtbsy("ftruncate(fd, 0)", trunc_call));
+                sample(&mut trunc, progress, || timed_refusal("ftruncate(fd, 0)", trunc_call));
             }
         }
         Err(e) => {

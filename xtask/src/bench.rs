@@ -217,11 +217,19 @@ pub fn comparison(benches: &[Bench]) -> Option<String> {
             continue;
         };
         let target = Target::AtMost(1.05);
-        let cell = match (fig_median(pb, key::REG_ANON), fig_median(sb, key::REG_ANON)) {
+        // Under TCG single registrations are bimodal (about 33 or 55 ms
+        // for 256 MiB on either kernel): the fastest of the runs is the
+        // cost of the code path, the median mostly says which mode won.
+        let cell = match (fig_min(pb, key::REG_ANON), fig_min(sb, key::REG_ANON)) {
             (Ok(p), Ok(st)) if st > 0.0 => {
                 let r = p / st;
+                let med = match (fig_median(pb, key::REG_ANON), fig_median(sb, key::REG_ANON)) {
+                    (Ok(pm), Ok(sm)) if sm > 0.0 => format!("; medians {pm:.0} / {sm:.0} ms = {:.2}×", pm / sm),
+                    _ => String::new(),
+                };
                 format!(
-                    "{r:.2}× ({p:.0} ms / {st:.0} ms)  {}{}",
+                    "{r:.2}× (fastest of {}: {p:.1} ms / {st:.1} ms{med})  {}{}",
+                    patched.plan.reps,
                     target.text("×"),
                     if target.met(r) { " ✓" } else { " ✗" }
                 )
@@ -337,6 +345,15 @@ fn fig_median(b: &BootBench, k: &str) -> Result<f64, String> {
     }
 }
 
+fn fig_min(b: &BootBench, k: &str) -> Result<f64, String> {
+    fig_median(b, k)?;
+    b.guest
+        .as_ref()
+        .and_then(|g| g.get(k))
+        .and_then(|f| f.samples.iter().copied().reduce(f64::min))
+        .ok_or_else(|| "no samples".into())
+}
+
 fn fig_max(b: &BootBench, k: &str) -> Result<f64, String> {
     fig_median(b, k)?;
     b.guest.as_ref().and_then(|g| g.get(k)).and_then(|f| f.max()).ok_or_else(|| "no samples".into())
@@ -402,7 +419,7 @@ pub fn table(b: &Bench) -> String {
             |x| Ok(fig_median(x, key::WRITE_FSDAX)? / fig_median(x, key::WRITE_ANON)?),
             ratio,
         ),
-        row("punch hole over pins → ETXTBSY, first call", boots, None, |x| fig_median(x, key::PUNCH_FIRST), us),
+        row("punch hole over pins → EDEADLK, first call", boots, None, |x| fig_median(x, key::PUNCH_FIRST), us),
         row("  later calls, median", boots, None, |x| fig_median(x, key::PUNCH_PINNED), us),
         row(
             "  later calls, slowest",
@@ -412,7 +429,7 @@ pub fn table(b: &Bench) -> String {
             us,
         ),
         row(
-            &format!("ftruncate over pins → ETXTBSY, first call (unmaps {reg} MiB)"),
+            &format!("ftruncate over pins → EDEADLK, first call (unmaps {reg} MiB)"),
             boots,
             None,
             |x| fig_median(x, key::TRUNC_FIRST),
@@ -522,7 +539,10 @@ mod tests {
         };
         assert_eq!(comparison(&[bench(Flavor::Patched, 100.0)]), None);
         let c = comparison(&[bench(Flavor::Stock, 100.0), bench(Flavor::Patched, 104.0)]).unwrap();
-        assert!(c.contains("ext4: 1.04× (104 ms / 100 ms)  ≤ 1.05× ✓"), "{c}");
+        assert!(
+            c.contains("ext4: 1.04× (fastest of 5: 104.0 ms / 100.0 ms; medians 104 / 100 ms = 1.04×)  ≤ 1.05× ✓"),
+            "{c}"
+        );
         let c = comparison(&[bench(Flavor::Stock, 100.0), bench(Flavor::Patched, 120.0)]).unwrap();
         assert!(c.contains("1.20×") && c.contains("✗"), "{c}");
     }
@@ -580,7 +600,7 @@ mod tests {
         // first call has no target, its later calls meet it.
         let slowest: Vec<&str> = t.lines().filter(|l| l.contains("later calls, slowest")).collect();
         assert!(slowest[0].ends_with('✗') && slowest[1].ends_with('✓'), "{t}");
-        assert!(line("ftruncate over pins → ETXTBSY, first call").contains("5000 µs"), "{t}");
+        assert!(line("ftruncate over pins → EDEADLK, first call").contains("5000 µs"), "{t}");
         // 100 ms ≤ 150 ms; xfs did not measure it (not a failure).
         let o = line("scenario overhead");
         assert!(o.contains("100 ms") && o.contains("not measured") && o.ends_with('✓'), "{t}");

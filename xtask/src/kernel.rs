@@ -114,21 +114,29 @@ pub struct Want {
     pub line: usize,
 }
 
+/// The option a fragment line sets and its value: `CONFIG_FOO=v`, or
+/// `# CONFIG_FOO is not set` as `n`; `None` for comments, blank lines and
+/// anything else.
+pub fn fragment_option(line: &str) -> Option<(&str, &str)> {
+    let l = line.trim();
+    if let Some(name) = l.strip_prefix("# ").and_then(|r| r.strip_suffix(" is not set")) {
+        return Some((name, "n"));
+    }
+    l.split_once('=').filter(|(k, _)| k.starts_with("CONFIG_"))
+}
+
 /// Parse Kconfig fragments; two fragments disagreeing on an option is an error.
 pub fn parse_fragments(frags: &[(String, String)]) -> Result<BTreeMap<String, Want>> {
     let mut out: BTreeMap<String, Want> = BTreeMap::new();
     for (file, text) in frags {
         for (i, raw) in text.lines().enumerate() {
             let l = raw.trim();
-            let kv = if let Some(rest) = l.strip_prefix("# ").and_then(|r| r.strip_suffix(" is not set")) {
-                Some((rest.to_string(), "n".to_string()))
+            let kv = if let Some((k, v)) = fragment_option(l) {
+                Some((k.to_string(), v.to_string()))
             } else if l.is_empty() || l.starts_with('#') {
                 None
-            } else if let Some((k, v)) = l.split_once('=') {
-                if !k.starts_with("CONFIG_") {
-                    bail!("{file}:{}: '{raw}' is not a CONFIG_ option", i + 1);
-                }
-                Some((k.to_string(), v.to_string()))
+            } else if l.contains('=') {
+                bail!("{file}:{}: '{raw}' is not a CONFIG_ option", i + 1);
             } else {
                 bail!("{file}:{}: cannot parse '{raw}' (expected CONFIG_FOO=y or '# CONFIG_FOO is not set')", i + 1);
             };

@@ -272,14 +272,10 @@ fn coverage(
 
 /// The `CONFIG_…` names that `fragments` set (`=…` or `is not set`).
 fn option_names(fragments: &[(String, String)]) -> Vec<String> {
-    fragments.iter().flat_map(|(_, text)| text.lines().filter_map(option_name)).map(str::to_string).collect()
-}
-
-fn option_name(line: &str) -> Option<&str> {
-    let l = line.trim();
-    let l = l.strip_prefix("# ").map(|r| r.strip_suffix(" is not set").unwrap_or("")).unwrap_or(l);
-    let name = l.split('=').next()?.trim();
-    name.starts_with("CONFIG_").then_some(name)
+    fragments
+        .iter()
+        .flat_map(|(_, text)| text.lines().filter_map(|l| kernel::fragment_option(l).map(|(n, _)| n.to_string())))
+        .collect()
 }
 
 /// `fragments` without the lines that set any of `names`: the coverage
@@ -289,8 +285,10 @@ fn without_options(fragments: Vec<(String, String)>, names: &[String]) -> Vec<(S
     fragments
         .into_iter()
         .map(|(file, text)| {
-            let kept: Vec<&str> =
-                text.lines().filter(|l| !option_name(l).is_some_and(|n| names.iter().any(|m| m == n))).collect();
+            let kept: Vec<&str> = text
+                .lines()
+                .filter(|l| !kernel::fragment_option(l).is_some_and(|(n, _)| names.iter().any(|m| m == n)))
+                .collect();
             (file, kept.join("\n") + "\n")
         })
         .collect()

@@ -123,7 +123,7 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&Figure)) -> BenchResults 
     let mut reg_dax = figure(
         key::REG_FSDAX,
         format!(
-            "ibv_reg_mr, {} MiB FS-DAX file MAP_SHARED under F_LAYOUT|F_EXCLUSIVE (the registration faults the pages)",
+            "ibv_reg_mr, {} MiB FS-DAX file MAP_SHARED under F_LAYOUT|F_EXCLUSIVE (pages already mapped writable)",
             plan.reg_mib
         ),
         "ms",

@@ -64,15 +64,42 @@ pub struct Checked {
 
 /// Prefix keys: each patch's key covers the base and every patch before it,
 /// so an edit to patch k changes the keys of k and everything after it.
+/// What `git format-patch` rewrites without changing the patch (the commit id
+/// on the `From` line, `[PATCH n/m]` when the series grows) is left out.
 pub fn prefix_keys(base_key: &str, series: &[(String, Vec<u8>)]) -> Vec<String> {
     let mut prev = base_key.to_string();
     series
         .iter()
         .map(|(name, bytes)| {
-            prev = util::KeyHasher::default().part("prev", prev.as_bytes()).part(name, bytes).finish();
+            prev = util::KeyHasher::default().part("prev", prev.as_bytes()).part(name, &key_view(bytes)).finish();
             prev.clone()
         })
         .collect()
+}
+
+/// `patch` without its mbox `From <commit id> …` line and with `[PATCH n/m]`
+/// in the subject reduced to `[PATCH]`: exporting the same commits as a
+/// longer series, or after a rebase, must not look like an edit.
+fn key_view(patch: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(patch);
+    let mut out = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        if i == 0 && line.starts_with("From ") {
+            continue;
+        }
+        match line.strip_prefix("Subject: [PATCH ").and_then(|r| r.split_once(']')) {
+            Some((n, rest))
+                if n.split_once('/').is_some_and(|(a, b)| {
+                    [a, b].iter().all(|x| !x.is_empty() && x.bytes().all(|c| c.is_ascii_digit()))
+                }) =>
+            {
+                out.push_str("Subject: [PATCH]");
+                out.push_str(rest);
+            }
+            _ => out.push_str(line),
+        }
+    }
+    out.into_bytes()
 }
 
 /// How many leading patches of `keys` the record shows as applied and built.
@@ -361,6 +388,20 @@ pub fn export(cache: &Cache) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renumbering_or_rebasing_a_patch_does_not_change_its_key() {
+        let p = |id: &str, n: &str, body: &str| {
+            (
+                "0001-a.patch".to_string(),
+                format!("From {id} Mon Sep 17 00:00:00 2001\nSubject: [PATCH {n}] a\n\n{body}").into_bytes(),
+            )
+        };
+        let k = |x| prefix_keys("base", &[x])[0].clone();
+        assert_eq!(k(p("1111", "01/20", "diff")), k(p("2222", "01/22", "diff")));
+        assert_ne!(k(p("1111", "01/20", "diff")), k(p("1111", "01/20", "diff2")));
+        assert_eq!(key_view(b"Subject: [PATCH v2] x\n"), b"Subject: [PATCH v2] x\n".to_vec());
+    }
 
     #[test]
     fn prefix_keys_change_from_the_edited_patch_on() {

@@ -107,6 +107,22 @@ pub fn unchanged_prefix(record: &Record, keys: &[String]) -> usize {
     record.patches.iter().zip(keys).take_while(|(c, k)| c.built && &c.prefix_key == *k).count()
 }
 
+/// Remove the checkpatch reports of patches that `series` no longer lists
+/// (renamed or renumbered), so that every report left beside the log is
+/// about the series being checked.
+fn remove_stale_reports(build_dir: &Path, series: &[(String, Vec<u8>)]) -> Result<()> {
+    for e in fs_err::read_dir(build_dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(patch) = name.strip_suffix(".checkpatch.txt") {
+            if !series.iter().any(|(n, _)| n == patch) {
+                fs_err::remove_file(e.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `cargo xtask kernel check-series`; `full` starts again from the base.
 pub fn check(cache: &Cache, full: bool) -> Result<bool> {
     let series = kernel::read_series()?;
@@ -158,6 +174,7 @@ pub fn check(cache: &Cache, full: bool) -> Result<bool> {
     let save = |r: &Record| -> Result<()> { util::write_atomic(&record_path, &serde_json::to_vec_pretty(r)?) };
     save(&record)?;
 
+    remove_stale_reports(&build_dir, &series)?;
     let mut ok = true;
     let mut rows = Vec::new();
     for (i, (name, bytes)) in series.iter().enumerate() {
@@ -388,6 +405,21 @@ pub fn export(cache: &Cache) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_of_patches_no_longer_in_the_series_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["0001-a.patch.checkpatch.txt", "0001-old.patch.checkpatch.txt", "check-series.log"] {
+            fs_err::write(d.path().join(f), "x").unwrap();
+        }
+        remove_stale_reports(d.path(), &[("0001-a.patch".into(), Vec::new())]).unwrap();
+        let mut left: Vec<String> = fs_err::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["0001-a.patch.checkpatch.txt", "check-series.log"]);
+    }
 
     #[test]
     fn renumbering_or_rebasing_a_patch_does_not_change_its_key() {

@@ -610,17 +610,32 @@ pub fn debian_source_id(version: &str) -> String {
     format!("debian:{SOURCE_PACKAGE}={version}")
 }
 
-/// The cache key of a flavor's kernel.
+/// The cache key of a flavor's kernel. Each patch counts only by its diff
+/// (see [`build_view`]): a changelog edit, a renumbering or a rebase that
+/// leaves the code alone does not rebuild the kernel.
 pub fn cache_key(source_id: &str, series: &[(String, Vec<u8>)], fragments: &[(String, String)]) -> String {
     let mut h = KeyHasher::default();
     h.part("recipe", RECIPE.as_bytes()).part("source", source_id.as_bytes());
-    for (n, b) in series {
-        h.part(&format!("patch:{n}"), b);
+    for (_, b) in series {
+        h.part("patch", build_view(b));
     }
     for (n, t) in fragments {
         h.part(&format!("fragment:{n}"), t.as_bytes());
     }
     h.finish()
+}
+
+/// What of a `git format-patch` file reaches the built tree: everything from
+/// its first `diff --git` line on (the mail headers, changelog and diffstat
+/// do not), or all of it when it has none.
+fn build_view(patch: &[u8]) -> &[u8] {
+    if patch.starts_with(b"diff --git ") {
+        return patch;
+    }
+    match patch.windows(12).position(|w| w == b"\ndiff --git ") {
+        Some(i) => &patch[i + 1..],
+        None => patch,
+    }
 }
 
 /// What a complete kernel cache entry carries, written last.
@@ -891,6 +906,13 @@ mod tests {
         assert_eq!(k1, cache_key("debian:x", &[], &f));
         assert_ne!(k1, cache_key("debian:y", &[], &f));
         assert_ne!(k1, cache_key("debian:x", &[("0001.patch".into(), b"diff".to_vec())], &f));
+        // Only the diff counts: not the name, the mail headers or the changelog.
+        let patch = |head: &str, hunk: &str| {
+            format!("From 1 Mon\nSubject: [PATCH {head}\n\nwhy\n---\n a | 1 +\n\ndiff --git a/a b/a\n{hunk}\n")
+        };
+        let k = |n: &str, p: String| cache_key("debian:x", &[(n.into(), p.into_bytes())], &f);
+        assert_eq!(k("0001-x.patch", patch("1/2] x", "+a")), k("0003-y.patch", patch("3/3] y, reworded", "+a")));
+        assert_ne!(k("0001-x.patch", patch("1/2] x", "+a")), k("0001-x.patch", patch("1/2] x", "+b")));
         let mut g = f.clone();
         g[1].1.push_str("CONFIG_SMP=y\n");
         assert_ne!(k1, cache_key("debian:x", &[], &g));
